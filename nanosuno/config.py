@@ -1,0 +1,166 @@
+"""
+One config system for prepare.py, train.py and sample.py (nanoGPT's habit, made strict):
+
+    python train.py config/small.py --batch_size=4 --compile=False
+
+Defaults live in the `Config` dataclass below. A bare argument is a config file: plain Python
+assignments (`n_layer = 6`). `--key=value` overrides come after it and win. Every key is
+checked against the dataclass: unknown keys are rejected with the list of valid ones, values
+must match the field's type (ints are accepted for floats; `None` only where a field allows it).
+All three commands share the same keys, so one config file serves the whole pipeline; each
+command reads the ones it needs.
+"""
+import ast
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one clear line, never a traceback."""
+
+
+def run_cli(main):
+    """Run a command's main(argv); a UserError ends it with one line on stderr and exit 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@dataclass
+class Config:
+    # --- data -------------------------------------------------------------------------------
+    input_dir: str = "data/wavs"        # audio to prepare (wav, flac, ogg, mp3), searched recursively
+    data_dir: str = "data/tokens"       # where prepare writes train.bin, val.bin, meta.json
+    out_dir: str = "out"                # checkpoints, logs, plots, samples
+    val_fraction: float = 0.1           # share of files (not frames) held out for validation
+    # --- codec ------------------------------------------------------------------------------
+    # prepare.py: None = "encodec_24khz" (pretrained); "untrained" = same architecture, no download,
+    # audio quality meaningless. train/sample: None = the codec the data/checkpoint was made with;
+    # a name that differs from it is refused.
+    codec: typing.Optional[str] = None
+    codec_dir: typing.Optional[str] = None  # folder holding encodec_24khz-d7cc33bc.th (default: torch hub cache)
+    n_codebooks: int = 8                # codebooks modelled, 1..8 (prepare always stores 8, at 6 kbps)
+    # --- model (stored in the checkpoint; sample.py never needs these) ------------------------
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    block_size: int = 2048              # context in steps; 75 steps = 1 second of audio
+    dropout: float = 0.0
+    bias: bool = False
+    # --- training ---------------------------------------------------------------------------
+    init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 5000
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000          # cosine decay reaches min_lr here (usually = max_iters)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # 0 disables
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = False  # save at every eval even if val loss did not improve
+    # --- system -----------------------------------------------------------------------------
+    device: str = "auto"                # auto = cuda, then mps, then cpu
+    dtype: str = "auto"                 # auto = bfloat16 where supported (else float16 on cuda), float32, ...
+    compile: typing.Optional[bool] = None  # None = on for CUDA, off elsewhere
+    seed: int = 1337
+    # --- sampling ---------------------------------------------------------------------------
+    seconds: float = 10.0               # length of each generated piece
+    num_samples: int = 1
+    prompt: typing.Optional[str] = None  # a WAV to continue
+    keep_prompt: bool = True            # include the prompt's audio in the output
+    temperature: float = 1.0            # 0 = greedy
+    top_k: int = 250                    # 1..codebook_size
+    top_p: float = 0.0                  # nucleus sampling; 0 = off
+
+
+def valid_keys():
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _allowed_types(key):
+    hint = typing.get_type_hints(Config)[key]
+    args = typing.get_args(hint)
+    return args if args else (hint,)
+
+
+def check_value(key, value):
+    """Return value converted to the field's type, or raise UserError."""
+    if key not in valid_keys():
+        close = difflib.get_close_matches(key, valid_keys(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown setting '{key}'{hint}; valid settings: {', '.join(valid_keys())}")
+    allowed = _allowed_types(key)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):  # bool is an int subclass: only accept it where bool is meant
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and (int in allowed or float in allowed):
+        return value if int in allowed else float(value)
+    elif isinstance(value, float) and float in allowed:
+        return value
+    elif isinstance(value, str) and str in allowed:
+        return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise UserError(f"setting '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_literal(text):
+    """'3' -> 3, 'True' -> True, 'None' -> None, '1e-3' -> 0.001, anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _read_config_file(path):
+    try:
+        source = open(path).read()
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}")
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)  # config files are trusted Python, as in nanoGPT
+    except Exception as e:
+        raise UserError(f"config file {path} failed: {type(e).__name__}: {e}")
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def load_config(argv=(), **overrides):
+    """Build a Config from a config file and --key=value arguments; keyword overrides come last
+    (handy in tests). Prints nothing; scripts print the settings they use."""
+    settings, seen_override = {}, False
+    for arg in argv:
+        if arg.startswith("--"):
+            seen_override = True
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise UserError(f"expected --key=value, got '{arg}'")
+            settings[key] = check_value(key, _parse_literal(text))
+        else:
+            if seen_override:
+                raise UserError(f"config file '{arg}' must come before --key=value overrides")
+            for key, value in _read_config_file(arg).items():
+                try:
+                    settings[key] = check_value(key, value)
+                except UserError as e:
+                    raise UserError(f"{arg}: {e}")
+    for key, value in overrides.items():
+        settings[key] = check_value(key, value)
+    return Config(**settings)
