@@ -86,6 +86,10 @@ class Config:
     temperature: float = 1.0            # 0 = greedy
     top_k: int = 250                    # 1..codebook_size
     top_p: float = 0.0                  # nucleus sampling; 0 = off
+    # longer than the context (block_size steps): when the KV cache is full, drop this fraction of
+    # it from the start and re-read the rest; smaller = more context kept, more re-reading
+    context_stride: float = 0.25
+    sample_dir: typing.Optional[str] = None  # WAVs, spectrograms and index.html (default: out_dir/samples)
 
 
 def valid_keys():
@@ -152,7 +156,10 @@ def load_config(argv=(), **overrides):
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 raise UserError(f"expected --key=value, got '{arg}'")
-            settings[key] = check_value(key, _parse_literal(text))
+            value = _parse_literal(text)
+            if key in valid_keys() and str in _allowed_types(key) and not isinstance(value, (str, type(None))):
+                value = text  # --out_dir=2024 means the folder '2024': strings need no quotes
+            settings[key] = check_value(key, value)
         else:
             if seen_override:
                 raise UserError(f"config file '{arg}' must come before --key=value overrides")

@@ -13,8 +13,10 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from nanosuno.config import UserError
+from nanosuno.pattern import delay_interleave
 
 META_VERSION = 1
 TOKEN_DTYPE = np.uint16
@@ -64,3 +66,44 @@ def open_split(data_dir, meta, split):
         return None
     path = os.path.join(data_dir, f"{split}.bin")
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(frames, meta["n_codebooks"]))
+
+
+class Batches:
+    """Random training windows from one split, straight from the memmap.
+
+    A window is block_size + 1 consecutive frames of one source file (never two), interleaved with
+    the delay pattern and cut to block_size + 1 steps, so every window starts with the delay
+    warm-up exactly as generation does. A file shorter than a window is used whole and padded with
+    the special token, whose targets the loss ignores: nothing real-looking is invented.
+    Files are drawn in proportion to their number of window positions, so every position of the
+    corpus is equally likely. Randomness comes from a torch.Generator whose state goes into the
+    checkpoint (exact resume)."""
+
+    def __init__(self, data_dir, meta, split, n_codebooks, block_size, seed=0):
+        self.tokens = open_split(data_dir, meta, split)
+        self.files = meta["splits"][split]["files"]
+        self.n_codebooks, self.special = n_codebooks, meta["codebook_size"]
+        self.steps = block_size + 1
+        self.starts = torch.tensor([max(1, f["frames"] - self.steps + 1) for f in self.files], dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __bool__(self):
+        return self.tokens is not None
+
+    def sample(self, batch_size, device="cpu"):
+        """-> inputs, targets: (B, K, block_size) int64 codes in the delayed layout."""
+        g = self.generator
+        which = torch.multinomial(self.starts, batch_size, replacement=True, generator=g).tolist()
+        crops = np.full((batch_size, self.steps, self.n_codebooks), self.special, dtype=np.int64)
+        for b, i in enumerate(which):
+            f = self.files[i]
+            start = f["offset"] + int(torch.randint(int(self.starts[i]), (1,), generator=g))
+            n = min(self.steps, f["frames"])
+            crops[b, :n] = self.tokens[start:start + n, :self.n_codebooks]
+        codes = torch.from_numpy(crops).transpose(1, 2)                  # (B, K, steps) frames
+        window = delay_interleave(codes, self.special)[:, :, :self.steps]  # (B, K, steps) delayed
+        if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+            window = window.pin_memory().to(device, non_blocking=True)
+        else:
+            window = window.to(device)
+        return window[:, :, :-1], window[:, :, 1:]

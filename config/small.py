@@ -1,0 +1,18 @@
+# The reference model: ~6.8M non-embedding parameters, 27 s of context (2048 steps at 75 steps/s),
+# all 8 codebooks of Encodec 24 kHz at 6 kbps.
+out_dir = "out-small"
+n_layer = 6
+n_head = 8
+n_embd = 256
+block_size = 2048
+n_codebooks = 8
+
+batch_size = 8
+gradient_accumulation_steps = 4
+max_iters = 5000
+lr_decay_iters = 5000
+learning_rate = 6e-4
+min_lr = 6e-5
+warmup_iters = 200
+eval_interval = 250
+eval_iters = 20

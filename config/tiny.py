@@ -1,0 +1,21 @@
+# A model whose loss visibly falls within a few minutes on a 2-core CPU (make demo uses it):
+# 2 layers, 4 s of context, all 8 codebooks.
+out_dir = "out-tiny"
+n_layer = 2
+n_head = 4
+n_embd = 128
+block_size = 300
+n_codebooks = 8
+
+batch_size = 8
+max_iters = 300
+lr_decay_iters = 300
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 20
+eval_interval = 50
+eval_iters = 5
+log_interval = 10
+
+seconds = 8.0
+num_samples = 2

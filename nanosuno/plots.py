@@ -1,0 +1,60 @@
+"""Pictures people would rather look at than read: loss curves and spectrograms (matplotlib, no display needed)."""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_loss_plot(log_path, png_path):
+    """Loss curves from train.py's log.jsonl: training loss, evaluated train/val loss, and val loss
+    per codebook (the coarse codebook 0 is the easiest to predict, the finest residuals the hardest)."""
+    records = [json.loads(line) for line in open(log_path)]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "train_loss" in r]
+    fig, (ax, ax_cb) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if steps:
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
+    for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
+        points = [(r["iter"], r[key]) for r in evals if key in r]
+        if points:
+            ax.plot(*zip(*points), style, ms=3, label=key.replace("_loss", " (eval)"))
+    ax.set(xlabel="iteration", ylabel="cross-entropy (nats)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    key = "val_codebook_losses" if any("val_codebook_losses" in r for r in evals) else "train_codebook_losses"
+    per_codebook = [(r["iter"], r[key]) for r in evals if key in r]
+    if per_codebook:
+        iters, values = zip(*per_codebook)
+        for k in range(len(values[0])):
+            ax_cb.plot(iters, [v[k] for v in values], "o-", ms=3, label=f"codebook {k}")
+        ax_cb.legend(fontsize=8, ncol=2)
+    ax_cb.set(xlabel="iteration", ylabel="cross-entropy (nats)", title=key.replace("_", " ").replace("losses", "loss"))
+    ax_cb.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def save_spectrogram(path, waveform, sample_rate, title=""):
+    """Log-magnitude spectrogram of a mono waveform as a PNG: time in seconds, frequency in kHz,
+    loudness in dB below the loudest bin (floored at -80 dB so that silence stays readable)."""
+    import torch
+    waveform = torch.as_tensor(waveform, dtype=torch.float32).flatten().cpu()
+    n_fft, hop = 1024, 256
+    spec = torch.stft(waveform, n_fft, hop, window=torch.hann_window(n_fft), pad_mode="constant",
+                      return_complex=True).abs()
+    db = 20 * torch.log10(spec.clamp_min(1e-6))
+    db = (db - db.max()).clamp_min(-80)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    extent = (0, len(waveform) / sample_rate, 0, sample_rate / 2000)
+    image = ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", extent=extent)
+    ax.set(xlabel="seconds", ylabel="kHz", title=title)
+    fig.colorbar(image, ax=ax, label="dB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

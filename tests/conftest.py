@@ -1,0 +1,42 @@
+"""Shared test helpers: tiny synthetic token corpora, so train/model tests need no codec."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the top-level scripts (prepare.py, train.py, sample.py) import as modules
+
+
+def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
+                       codec="untrained", seed=0):
+    """Write train.bin/val.bin/meta.json as prepare.py would, from learnable synthetic codes: each
+    file repeats a short random phrase, and codebook k > 0 is a fixed function of codebook 0."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(data_dir, exist_ok=True)
+    meta = {"format_version": 1, "codec": codec, "sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0,
+            "n_codebooks": n_codebooks, "codebook_size": codebook_size, "dtype": "uint16", "splits": {}}
+    for split, lengths in (("train", file_frames), ("val", val_file_frames)):
+        chunks, files, offset = [], [], 0
+        for i, frames in enumerate(lengths):
+            phrase = rng.integers(0, codebook_size, size=12)
+            base = np.resize(phrase, frames)
+            codes = np.stack([(base * (k + 1) + 7 * k) % codebook_size for k in range(n_codebooks)], axis=1)
+            chunks.append(codes.astype(np.uint16))
+            files.append({"path": f"{split}_{i}.wav", "offset": offset, "frames": frames})
+            offset += frames
+        data = np.concatenate(chunks) if chunks else np.zeros((0, n_codebooks), np.uint16)
+        data.tofile(os.path.join(data_dir, f"{split}.bin"))
+        meta["splits"][split] = {"frames": offset, "files": files}
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+@pytest.fixture
+def token_corpus(tmp_path):
+    data_dir = tmp_path / "tokens"
+    write_token_corpus(data_dir, file_frames=[400, 300, 50], val_file_frames=[200])
+    return str(data_dir)

@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, write_token_corpus
+from nanosuno.config import UserError
+
+# a model small enough that a CPU trains it in seconds
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--dtype=float32", "--compile=False", "--eval_iters=2", "--log_interval=5", "--warmup_iters=5",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--lr_decay_iters=50"]
+
+
+def run(data_dir, out_dir, *extra):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *extra])
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=40", "--eval_interval=20")
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    evals = [r for r in records if "train_loss" in r]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20]
+    assert evals[0]["train_loss"] > 6.0                       # ~ln(1024) = 6.93 at init
+    assert steps[-1]["loss"] < evals[0]["train_loss"] - 2.0   # the synthetic phrases are learnable
+    assert len(evals[-1]["val_codebook_losses"]) == 8
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in steps)
+    assert (out / "loss.png").stat().st_size > 10_000
+    ckpt = load(out)
+    assert ckpt["iter_num"] == 40 and ckpt["codec"]["name"] == "untrained"
+    assert ckpt["model_args"]["n_layer"] == 2 and ckpt["codec"]["n_codebooks"] == 8
+    assert not [f for f in os.listdir(out) if ".tmp" in f]    # atomic writes leave no temporaries
+
+
+def test_resume_is_exact(token_corpus, tmp_path):
+    """N iterations + resume + N iterations = 2N iterations, bit for bit, on CPU."""
+    common = ["--eval_interval=1000", "--dropout=0.1", "--gradient_accumulation_steps=2"]
+    run(token_corpus, tmp_path / "split", "--max_iters=6", *common)
+    run(token_corpus, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
+    run(token_corpus, tmp_path / "whole", "--max_iters=12", *common)
+    split, whole = load(tmp_path / "split"), load(tmp_path / "whole")
+    assert split["iter_num"] == whole["iter_num"] == 12
+    for name, tensor in whole["model"].items():
+        assert torch.equal(split["model"][name], tensor), name
+    first_state = next(iter(whole["optimizer"]["state"].values()))
+    assert torch.equal(next(iter(split["optimizer"]["state"].values()))["exp_avg"], first_state["exp_avg"])
+
+
+def test_short_files_are_used_and_padded(tmp_path):
+    """Every file shorter than a window: training still runs, on padded windows."""
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[10, 20, 15], val_file_frames=[12])
+    run(data, tmp_path / "out", "--max_iters=10", "--eval_interval=5")
+    assert load(tmp_path / "out")["iter_num"] == 10
+
+
+def test_batches_stay_inside_one_file_and_pad_with_special(tmp_path):
+    from nanosuno.data import Batches, read_meta
+    data = tmp_path / "tokens"
+    # file i holds only code i in every codebook: a window mixing files would mix codes
+    meta = write_token_corpus(data, file_frames=[40, 5, 40])
+    tokens = torch.zeros(85, 8, dtype=torch.int64)
+    for i, (start, n) in enumerate([(0, 40), (40, 5), (45, 40)]):
+        tokens[start:start + n] = i + 1
+    tokens.numpy().astype("uint16").tofile(data / "train.bin")
+    batches = Batches(str(data), read_meta(str(data)), "train", n_codebooks=8, block_size=16)
+    x, y = batches.sample(64)
+    assert x.shape == y.shape == (64, 8, 16)
+    assert torch.equal(x[:, :, 1:], y[:, :, :-1])
+    for window in torch.cat([x, y[:, :, -1:]], dim=2):
+        real = window[window != 1024].unique()
+        assert len(real) == 1                                  # one file per window
+        assert all(window[k, :k].eq(1024).all() for k in range(8))   # delay warm-up
+        if real.item() == 2:                                   # the 5-frame file: padded, not dropped
+            assert window[0, 5:].eq(1024).all()
+    assert meta["splits"]["train"]["frames"] == 85
+
+
+def test_missing_data_says_run_prepare(tmp_path):
+    with pytest.raises(UserError, match="run prepare.py first"):
+        run(tmp_path / "nothing", tmp_path / "out", "--max_iters=1")
+
+
+def test_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={tmp_path}",
+                             "--device=cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "run prepare.py first" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_too_many_codebooks(tmp_path):
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[100], n_codebooks=4)
+    with pytest.raises(UserError, match="n_codebooks=8 but .* holds 4"):
+        run(data, tmp_path / "out", "--max_iters=1")
+
+
+def test_resume_refuses_other_codec_or_shape(token_corpus, tmp_path):
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=2", "--eval_interval=1000")
+    with pytest.raises(UserError, match="another model shape .*n_embd 32 -> 48"):
+        run(token_corpus, out, "--max_iters=4", "--init_from=resume", "--n_embd=48")
+    other = tmp_path / "other"
+    write_token_corpus(other, file_frames=[400], codec="encodec_24khz")
+    with pytest.raises(UserError, match="codec mismatch"):
+        run(other, out, "--max_iters=4", "--init_from=resume")
+    with pytest.raises(UserError, match="codec mismatch"):
+        run(token_corpus, tmp_path / "new", "--max_iters=1", "--codec=encodec_24khz")
+
+
+def test_resume_without_checkpoint(token_corpus, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint .* train first"):
+        run(token_corpus, tmp_path / "out", "--init_from=resume")
+
+
+def test_empty_val_split_skips_validation(tmp_path, capsys):
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[200, 100], val_file_frames=())
+    run(data, tmp_path / "out", "--max_iters=6", "--eval_interval=3")
+    assert "skipping validation" in capsys.readouterr().out
+    evals = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl") if "train_loss" in line]
+    assert len(evals) == 2 and all("val_loss" not in r for r in evals)
+    assert load(tmp_path / "out")["iter_num"] == 6
+
+
+def test_two_process_gloo_run(token_corpus, tmp_path):
+    """torchrun with two CPU processes: DDP over gloo, one checkpoint written by rank 0."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "train.py"), f"--data_dir={token_corpus}", f"--out_dir={out}", *TINY,
+         "--device=cpu", "--max_iters=4", "--eval_interval=2", "--gradient_accumulation_steps=2"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["ckpt.pt"]
+    assert load(out)["iter_num"] == 4

@@ -1,0 +1,243 @@
+"""
+Train the transformer on the token files that prepare.py wrote.
+
+    python train.py config/small.py                        # one process
+    python train.py config/tiny.py --max_iters=200         # a few minutes on a laptop CPU
+    torchrun --standalone --nproc_per_node=8 train.py config/small.py   # DDP on one node
+
+Writes out_dir/ckpt.pt (resume with --init_from=resume), out_dir/log.jsonl and out_dir/loss.png.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nanosuno.checkpoint import check_codec, load_checkpoint, save_checkpoint
+from nanosuno.config import UserError, load_config, run_cli
+from nanosuno.data import Batches, read_meta
+from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
+from nanosuno.model import GPT, GPTConfig, codebook_losses
+from nanosuno.plots import save_loss_plot
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "n_codebooks", "dropout", "bias")
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, splits, cfg, device, ctx):
+    """Mean loss over eval_iters batches per split, plus per-codebook losses. The batches come from a
+    fixed seed, so successive evaluations compare like with like and training's randomness is untouched."""
+    model.eval()
+    out = {}
+    for name, batches in splits.items():
+        saved = batches.generator.get_state()
+        batches.generator.manual_seed(cfg.seed + 1)
+        per_codebook = torch.zeros(cfg.n_codebooks)
+        for _ in range(cfg.eval_iters):
+            x, y = batches.sample(cfg.batch_size, device)
+            with ctx:
+                logits, _ = model(x)
+            per_codebook += codebook_losses(logits, y, model.config.codebook_size).float().cpu()
+        batches.generator.set_state(saved)
+        per_codebook /= cfg.eval_iters
+        out[name] = (per_codebook.nanmean().item(), per_codebook.tolist())
+    model.train()
+    return out
+
+
+def main(argv):
+    cfg = load_config(argv)
+    if cfg.init_from not in ("scratch", "resume"):
+        raise UserError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+
+    # --- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise ------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        use_cuda = pick_device(cfg.device).startswith("cuda")
+        init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if cfg.gradient_accumulation_steps % world:
+            raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a "
+                            f"multiple of the number of processes ({world})")
+        accum_steps = cfg.gradient_accumulation_steps // world
+    else:
+        rank, world, device, accum_steps = 0, 1, pick_device(cfg.device), cfg.gradient_accumulation_steps
+    master = rank == 0
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data -----------------------------------------------------------------------------------
+    meta = read_meta(cfg.data_dir)
+    if cfg.n_codebooks > meta["n_codebooks"]:
+        raise UserError(f"n_codebooks={cfg.n_codebooks} but {cfg.data_dir} holds {meta['n_codebooks']}: "
+                        f"use --n_codebooks={meta['n_codebooks']} or fewer")
+    codec = {k: meta[k] for k in ("sample_rate", "frame_rate", "bandwidth", "codebook_size")}
+    codec.update(name=meta["codec"], n_codebooks=cfg.n_codebooks)
+    if cfg.codec is not None:
+        check_codec({**codec, "name": cfg.codec}, codec, f"the data in {cfg.data_dir}")
+    train_data = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size, seed=cfg.seed + rank)
+    val_data = Batches(cfg.data_dir, meta, "val", cfg.n_codebooks, cfg.block_size)
+    if not train_data:
+        raise UserError(f"{cfg.data_dir} has no training frames: add audio and run prepare.py again")
+    eval_splits = {"train": train_data, "val": val_data} if val_data else {"train": train_data}
+    if master and not val_data:
+        print(f"note: {cfg.data_dir} has an empty val split: skipping validation (only train loss is evaluated)")
+
+    # --- model, optimizer, maybe resume -----------------------------------------------------------
+    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_args["codebook_size"] = meta["codebook_size"]
+    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(cfg.out_dir, device)
+        check_codec(codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
+        changed = [f"{k} {ckpt['model_args'][k]} -> {v}" for k, v in model_args.items()
+                   if k != "dropout" and ckpt["model_args"].get(k) != v]
+        if changed:
+            raise UserError(f"cannot resume {cfg.out_dir}/ckpt.pt with another model shape ({', '.join(changed)}); "
+                            "use the settings it was trained with, or another out_dir")
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    model = GPT(GPTConfig(**model_args))
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if world == 1:
+            train_data.generator.set_state(ckpt["rng"]["batches"])
+        else:  # each rank had its own stream; give each a fresh, distinct one (resume is exact for 1 process)
+            train_data.generator.manual_seed(cfg.seed + rank + 1000 * iter_num)
+        if device_type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
+    ckpt = None  # free memory
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    ctx = autocast(device, dtype)
+
+    # --- logging ------------------------------------------------------------------------------------
+    steps_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size   # all ranks
+    peak = peak_flops(device, dtype if dtype != torch.float16 else torch.float32) if master else None
+    log_path, plot_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if cfg.init_from == "scratch" and os.path.exists(log_path):
+            os.remove(log_path)
+        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
+              f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
+              f"device {device}, {str(dtype).removeprefix('torch.')}, compile {use_compile}, {world} process(es)")
+        print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
+              f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration")
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint():
+        save_checkpoint(cfg.out_dir, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_args": model_args, "codec": codec, "config": dataclasses.asdict(cfg),
+            "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "rng": {"torch": torch.get_rng_state(), "batches": train_data.generator.get_state(),
+                    "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []},
+        })
+
+    # --- the loop -------------------------------------------------------------------------------------
+    start_iter, t_start = iter_num, time.time()
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
+    t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
+    while iter_num < cfg.max_iters:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % cfg.eval_interval == 0 and master:
+            losses = evaluate(raw_model, eval_splits, cfg, device, ctx)
+            val = losses.get("val", losses["train"])[0]
+            record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
+            if "val" in losses:
+                record.update(val_loss=losses["val"][0], val_codebook_losses=losses["val"][1])
+            log(record)
+            save_loss_plot(log_path, plot_path)
+            per_cb = " ".join(f"{v:.2f}" for v in losses.get("val", losses["train"])[1])
+            bar.write(f"iter {iter_num}: train {losses['train'][0]:.4f}"
+                      + (f", val {losses['val'][0]:.4f}" if "val" in losses else "") + f" (per codebook {per_cb})")
+            if iter_num > start_iter and (val < best_val_loss or cfg.always_save_checkpoint or not val_data):
+                best_val_loss = min(best_val_loss, val)
+                checkpoint()
+            best_val_loss = min(best_val_loss, val)
+
+        for micro_step in range(accum_steps):
+            x, y = train_data.sample(cfg.batch_size, device)
+            # with DDP, only the last micro step synchronises gradients
+            sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
+            with sync, ctx:
+                _, loss = model(x, y)
+                loss = loss / accum_steps
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
+
+        if iter_num % cfg.log_interval == 0 and master:
+            loss_value = loss.item() * accum_steps  # .item() syncs with the GPU: only when logging
+            dt = (time.time() - t0) / cfg.log_interval
+            t0 = time.time()
+            mfu = raw_model.estimate_mfu(steps_per_iter / dt, peak) if peak else float("nan")
+            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            tokens_per_s = steps_per_iter * cfg.n_codebooks / dt
+            bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {dt * 1000:.0f}ms/it "
+                                f"{tokens_per_s:,.0f} tok/s mfu {running_mfu * 100:.1f}%")
+            log({"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
+                 "tokens_per_s": tokens_per_s, "mfu": mfu})
+    bar.close()
+
+    if master:
+        if iter_num > start_iter:
+            checkpoint()
+        seconds = time.time() - t_start
+        steps = (iter_num - start_iter) * steps_per_iter
+        print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
+              f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
+              f"checkpoint {cfg.out_dir}/ckpt.pt, log {log_path}, plot {plot_path}")
+    if ddp:
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
