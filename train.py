@@ -176,12 +176,13 @@ def main(argv):
     start_iter, t_start = iter_num, time.time()
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
     t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
-    while iter_num < cfg.max_iters:
+    while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if iter_num % cfg.eval_interval == 0 and master:
+        last = iter_num >= cfg.max_iters
+        if master and (iter_num % cfg.eval_interval == 0 or last):
             losses = evaluate(raw_model, eval_splits, cfg, device, ctx)
             val = losses.get("val", losses["train"])[0]
             record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
@@ -192,10 +193,13 @@ def main(argv):
             per_cb = " ".join(f"{v:.2f}" for v in losses.get("val", losses["train"])[1])
             bar.write(f"iter {iter_num}: train {losses['train'][0]:.4f}"
                       + (f", val {losses['val'][0]:.4f}" if "val" in losses else "") + f" (per codebook {per_cb})")
-            if iter_num > start_iter and (val < best_val_loss or cfg.always_save_checkpoint or not val_data):
-                best_val_loss = min(best_val_loss, val)
-                checkpoint()
+            improved = val < best_val_loss
             best_val_loss = min(best_val_loss, val)
+            # the last iteration is always saved (that is what resume continues from)
+            if iter_num > start_iter and (improved or last or cfg.always_save_checkpoint or not val_data):
+                checkpoint()
+        if last:
+            break
 
         for micro_step in range(accum_steps):
             x, y = train_data.sample(cfg.batch_size, device)
@@ -228,8 +232,6 @@ def main(argv):
     bar.close()
 
     if master:
-        if iter_num > start_iter:
-            checkpoint()
         seconds = time.time() - t_start
         steps = (iter_num - start_iter) * steps_per_iter
         print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "

@@ -30,7 +30,7 @@ def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     evals = [r for r in records if "train_loss" in r]
     steps = [r for r in records if "loss" in r]
-    assert [r["iter"] for r in evals] == [0, 20]
+    assert [r["iter"] for r in evals] == [0, 20, 40]   # every eval_interval and at the end
     assert evals[0]["train_loss"] > 6.0                       # ~ln(1024) = 6.93 at init
     assert steps[-1]["loss"] < evals[0]["train_loss"] - 2.0   # the synthetic phrases are learnable
     assert len(evals[-1]["val_codebook_losses"]) == 8
@@ -130,7 +130,7 @@ def test_empty_val_split_skips_validation(tmp_path, capsys):
     run(data, tmp_path / "out", "--max_iters=6", "--eval_interval=3")
     assert "skipping validation" in capsys.readouterr().out
     evals = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl") if "train_loss" in line]
-    assert len(evals) == 2 and all("val_loss" not in r for r in evals)
+    assert len(evals) == 3 and all("val_loss" not in r for r in evals)
     assert load(tmp_path / "out")["iter_num"] == 6
 
 
