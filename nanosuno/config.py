@@ -149,6 +149,9 @@ def _read_config_file(path):
 def load_config(argv=(), **overrides):
     """Build a Config from a config file and --key=value arguments; keyword overrides come last
     (handy in tests). Prints nothing; scripts print the settings they use."""
+    if "--help" in argv or "-h" in argv:
+        print(settings_help())
+        sys.exit(0)
     settings, seen_override = {}, False
     for arg in argv:
         if arg.startswith("--"):
@@ -171,3 +174,10 @@ def load_config(argv=(), **overrides):
     for key, value in overrides.items():
         settings[key] = check_value(key, value)
     return Config(**settings)
+
+
+def settings_help():
+    """Every setting with its default, for --help."""
+    lines = ["usage: python <prepare|train|sample>.py [config_file.py] [--key=value ...]", "", "settings (default):"]
+    lines += [f"  --{f.name}={f.default!r}" for f in dataclasses.fields(Config)]
+    return "\n".join(lines)

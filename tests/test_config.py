@@ -78,3 +78,11 @@ def test_config_file_errors(tmp_path):
 def test_tiny_config_is_small():
     cfg = load_config([os.path.join(ROOT, "config/tiny.py")])
     assert cfg.n_layer * cfg.n_embd ** 2 < 6 * 256 ** 2 / 4 and cfg.max_iters <= 500
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--batch_size=8" in out and "--codec=None" in out and "--top_k=250" in out
