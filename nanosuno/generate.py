@@ -1,0 +1,117 @@
+"""
+Generation: run the model one step at a time through the delay pattern (pattern.py) and return
+plain, un-delayed codes ready for the codec.
+
+Steps and frames. With K codebooks, step s of the delayed layout holds frame s - k of stream k,
+so F frames take F + K - 1 steps:
+  warm-up  stream k has no frame yet for its first k steps: it holds the special token there
+           (forced, never sampled), exactly as at the start of every training window;
+  drain    after stream 0's last frame, K - 1 more steps finish the other streams. Stream 0 keeps
+           being sampled there (those codes are thrown away) so that the model keeps seeing
+           mid-piece inputs like the ones it was trained on.
+A prompt's frames are forced, not sampled, at the steps where they fall in the delayed layout.
+
+From scratch there is nothing to condition frame 0 on: the model is fed one "start" step of
+all-special tokens, its guess for stream 0 becomes frame 0, and the start step is then forgotten
+(cache rewound), so that frame 0 sits at position 0 like the first frame of every training window.
+
+Longer than the context: the KV cache holds block_size steps. When it is full, the window slides:
+the most recent `block_size - stride` steps are kept, their warm-up triangle is re-applied (as if
+the kept frames were a fresh prompt, i.e. a training window starting there) and they are
+prefilled again from position 0. Cost: one prefill per `stride` generated steps.
+"""
+import torch
+
+from nanosuno.config import UserError
+from nanosuno.model import sample_next
+from nanosuno.pattern import delay_deinterleave, delay_interleave
+
+
+def check_sampling(codebook_size, temperature, top_k, top_p, seconds=None, num_samples=1):
+    """Refuse settings that cannot sample, with the setting's name in one line."""
+    if seconds is not None and not seconds > 0:
+        raise UserError(f"seconds must be > 0, got {seconds}")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 1 <= top_k <= codebook_size:
+        raise UserError(f"top_k must be between 1 and the codebook size {codebook_size}, got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise UserError(f"top_p must be between 0 and 1 (0 = off), got {top_p}")
+
+
+def context_keep_steps(block_size, context_stride, n_codebooks):
+    """Steps kept when the window slides: block_size minus the stride (a fraction of block_size).
+    At least K - 1 are kept, so that the re-applied warm-up triangle lies inside the re-read steps
+    (steps decoded after a slide then need no masking), and at least one step is gained per slide."""
+    if not 0 < context_stride <= 1:
+        raise UserError(f"context_stride must be in (0, 1] (a fraction of block_size), got {context_stride}")
+    stride = max(1, round(context_stride * block_size))
+    return min(block_size - 1, max(n_codebooks - 1, block_size - stride, 1))
+
+
+@torch.inference_mode()
+def generate(model, frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
+             seed=1337, context_stride=0.25, progress=None):
+    """Sample `num_samples` pieces of `frames` frames in one batch.
+
+    prompt       optional un-delayed codes (K, P), P < frames: they are the first P frames of every
+                 piece (forced, not sampled); `frames` counts them.
+    temperature  0 = greedy; top_k in 1..codebook_size; top_p in [0, 1], 0 = off.
+    seed         same seed, same settings -> same codes (a private torch.Generator).
+    context_stride  fraction of block_size dropped each time the window slides (see module doc).
+    progress     optional tqdm-like object: .update(1) per model step.
+    Returns un-delayed codes (num_samples, K, frames), prompt included, never the special token.
+    """
+    cfg = model.config
+    K, special, device = cfg.n_codebooks, cfg.codebook_size, model.lm_heads.weight.device
+    check_sampling(special, temperature, top_k, top_p, num_samples=num_samples)
+    P = 0 if prompt is None else prompt.shape[-1]
+    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
+        raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
+    if not P < frames:
+        raise ValueError(f"frames ({frames}) must exceed the prompt's {P} frames")
+    keep = context_keep_steps(cfg.block_size, context_stride, K)
+    steps = frames + K - 1
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    # the whole delayed sequence, preallocated. Prompt frames and the warm-up triangle are written
+    # now and forced below: at step s stream k is forced while s - k < P (s < k is warm-up: special)
+    delayed = torch.full((num_samples, K, steps), special, dtype=torch.long, device=device)
+    if P:
+        delayed[:, :, :P + K - 1] = delay_interleave(prompt.to(device), special)
+    forced_until = P + K - 1        # from this step on nothing is forced
+    forced = torch.arange(forced_until, device=device) < (torch.arange(K, device=device) + P).view(K, 1)
+
+    def window(start, end):
+        """Steps start..end-1 as the model input of a fresh window: the warm-up triangle re-applied."""
+        codes = delayed[:, :, start:end].clone()
+        for k in range(1, K):
+            codes[:, k, :k] = special
+        return codes
+
+    cache = model.new_cache(num_samples)
+    if P:   # prefill the prompt steps (or their last `keep` if the prompt outgrows the context)
+        first = P if P <= cfg.block_size else keep
+        logits = model.prefill(window(P - first, P), cache)
+    else:   # from scratch: an all-special start step predicts frame 0, then is dropped
+        logits = model.prefill(torch.full((num_samples, K, 1), special, dtype=torch.long, device=device), cache)
+        cache.length = 0
+
+    for s in range(P, steps):
+        codes = sample_next(logits, temperature, top_k, top_p, generator)  # (B, K) for step s
+        if s < forced_until:
+            codes = torch.where(forced[:, s], delayed[:, :, s], codes)
+        delayed[:, :, s] = codes
+        if progress is not None:
+            progress.update(1)
+        if s == steps - 1:
+            break
+        if cache.length < cache.max_len:
+            logits = model.decode_step(codes, cache)
+        else:   # context full: slide the window, re-read the most recent `keep` steps
+            cache.length = 0
+            logits = model.prefill(window(s + 1 - keep, s + 1), cache)
+
+    return delay_deinterleave(delayed)

@@ -1,0 +1,150 @@
+"""
+Generate music with a trained model and write it as audio.
+
+    python sample.py                                    # out/ckpt.pt -> out/samples/
+    python sample.py config/small.py --seconds=120 --num_samples=4
+    python sample.py --prompt=intro.wav --seconds=20    # continue a recording
+
+Writes into sample_dir (default out_dir/samples): sample_000.wav, ... (24 kHz mono), a spectrogram
+PNG per sample, and index.html to listen to them in a browser. The model's shape and codec come
+from the checkpoint; `seconds` is the length of the new music (the prompt comes on top of it).
+"""
+import os
+
+# Generation is a chain of tiny ops: OpenMP threads that busy-wait between them (the default) make it
+# several times slower whenever another process wants the CPU. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import html
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanosuno.audio import load_audio, save_wav
+from nanosuno.checkpoint import check_codec, checkpoint_path, load_checkpoint, model_from_checkpoint
+from nanosuno.codec import load_codec
+from nanosuno.config import UserError, load_config, run_cli
+from nanosuno.generate import check_sampling, context_keep_steps, generate
+from nanosuno.hardware import pick_device, pick_dtype
+from nanosuno.plots import save_spectrogram
+
+
+class StepsBar(tqdm):
+    """tqdm over model steps that also shows the x real-time factor (audio seconds made per second)."""
+
+    def __init__(self, total, audio_seconds_per_step):
+        self.audio_seconds_per_step = audio_seconds_per_step
+        super().__init__(total=total, unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps "
+                         "[{elapsed}<{remaining}, {rate_fmt}, {realtime:.1f}x real time]")
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        rate = d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else 0.0)
+        d["realtime"] = rate * self.audio_seconds_per_step
+        return d
+
+
+def load_prompt(cfg, codec, n_codebooks, keep):
+    """The prompt WAV as codes (K, frames) with the checkpoint's codec, cut to the last `keep` frames
+    when the context cannot hold it; and a note on what was used."""
+    try:
+        waveform = load_audio(cfg.prompt, sample_rate=codec.sample_rate)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read prompt {cfg.prompt} ({type(e).__name__}: {e}); give a WAV, FLAC, OGG or MP3 file")
+    if waveform.numel() < codec.sample_rate / codec.frame_rate:
+        raise UserError(f"prompt {cfg.prompt} is shorter than one codec frame; give at least a fraction of a second")
+    prompt = codec.encode(waveform)[:n_codebooks]
+    note = f"{cfg.prompt} ({prompt.shape[1] / codec.frame_rate:.1f} s)"
+    if prompt.shape[1] > keep:  # the model only ever looks back one context
+        prompt = prompt[:, -keep:]
+        note += f", last {keep / codec.frame_rate:.1f} s used"
+        print(f"prompt {cfg.prompt} is longer than the model's context: continuing its last {keep / codec.frame_rate:.1f} s")
+    return prompt, note
+
+
+def write_samples(sample_dir, codes, codec, seed):
+    """Decode each piece and write its WAV and spectrogram; returns the names written."""
+    os.makedirs(sample_dir, exist_ok=True)
+    names = []
+    for i in range(codes.shape[0]):   # one at a time: a long piece's decoder activations are large
+        name = f"sample_{i:03d}"
+        waveform = codec.decode(codes[i])
+        save_wav(os.path.join(sample_dir, f"{name}.wav"), waveform, codec.sample_rate)
+        save_spectrogram(os.path.join(sample_dir, f"{name}.png"), waveform, codec.sample_rate,
+                         f"{name}: {waveform.numel() / codec.sample_rate:.1f} s, seed {seed}")
+        names.append(name)
+    return names
+
+
+def write_index(path, names, settings, warning):
+    """A static page: the settings used, then a player and the spectrogram of every sample."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+    items = "".join(f'<h2>{name}</h2>\n<audio controls preload="none" src="{name}.wav"></audio><br>\n'
+                    f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name in names)
+    warn = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
+            f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno samples</h1>\n{warn}"
+            f"<table>{rows}</table>\n{items}</body></html>\n")
+    with open(path, "w") as f:
+        f.write(page)
+
+
+def main(argv):
+    cfg = load_config(argv)
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(cfg.out_dir, device)
+    codec_info = ckpt["codec"]
+    if cfg.codec is not None and cfg.codec != codec_info["name"]:
+        raise UserError(f"codec mismatch: {checkpoint_path(cfg.out_dir)} was trained on {codec_info['name']} tokens "
+                        f"but codec={cfg.codec} was given; leave codec unset to use the checkpoint's")
+    # one step at batch 1 is a chain of tiny matmuls: on a CPU those are faster in float32 than in
+    # bfloat16 (bench.py sample), so "auto" means float32 there and bfloat16 on a GPU
+    dtype = torch.float32 if cfg.dtype == "auto" and not device.startswith("cuda") else pick_dtype(cfg.dtype, device)
+    model = model_from_checkpoint(ckpt, device).to(dtype).eval()
+    K, block_size = model.config.n_codebooks, model.config.block_size
+    check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seconds, cfg.num_samples)
+    keep = context_keep_steps(block_size, cfg.context_stride, K)
+    codec = load_codec(codec_info["name"], cfg.codec_dir, device)
+    check_codec(codec_info, {"name": codec.name, "bandwidth": codec.bandwidth, "codebook_size": codec.codebook_size},
+                "this codec")
+    warning = ""
+    if codec.name == "untrained":
+        warning = "codec 'untrained' (random weights): the audio quality of these samples is MEANINGLESS"
+        print(f"*** {warning} ***")
+
+    prompt, prompt_note = load_prompt(cfg, codec, K, keep) if cfg.prompt else (None, "none")
+    prompt_frames = 0 if prompt is None else prompt.shape[1]
+    new_frames = max(1, round(cfg.seconds * codec.frame_rate))
+    steps = new_frames + K - 1   # the drain: K - 1 steps after the last frame of stream 0
+
+    t0 = time.perf_counter()
+    with StepsBar(steps, cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
+        codes = generate(model, prompt_frames + new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
+                         cfg.num_samples, cfg.seed, cfg.context_stride, progress=bar)
+    t1 = time.perf_counter()
+    sample_dir = cfg.sample_dir or os.path.join(cfg.out_dir, "samples")
+    codes = codes if cfg.keep_prompt else codes[:, :, prompt_frames:]
+    names = write_samples(sample_dir, codes, codec, cfg.seed)
+    t2 = time.perf_counter()
+    settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
+                "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
+                "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
+                "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
+                "device": f"{device}, {str(dtype).removeprefix('torch.')}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_index(os.path.join(sample_dir, "index.html"), names, settings, warning)
+
+    new_seconds = cfg.num_samples * new_frames / codec.frame_rate
+    print(f"wrote {len(names)} x {codes.shape[-1] / codec.frame_rate:.1f} s to "
+          f"{sample_dir}/ ({', '.join(n + '.wav' for n in names[:3])}{', ...' if len(names) > 3 else ''}, spectrograms, "
+          f"index.html) in {t2 - t0:.1f} s: generation {steps / (t1 - t0):.0f} steps/s, decoding {t2 - t1:.1f} s, "
+          f"{new_seconds / (t2 - t0):.1f}x real time")
+    if warning:
+        print(f"*** {warning} ***")
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,181 @@
+"""Generation (nanosuno/generate.py) and sample.py: delay pattern, KV cache, sliding window, prompts,
+outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
+import os
+
+import pytest
+import soundfile as sf
+import torch
+
+import sample
+from nanosuno.audio import save_wav
+from nanosuno.checkpoint import save_checkpoint
+from nanosuno.codec import load_codec
+from nanosuno.config import UserError
+from nanosuno.generate import context_keep_steps, generate
+from nanosuno.model import GPT, GPTConfig
+from nanosuno.pattern import delay_deinterleave, delay_interleave
+
+V = 1024  # the codec's codebook size; the special token is V
+
+
+def tiny_model(K=4, block_size=64, codebook_size=V, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=codebook_size, n_layer=2,
+                         n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_codec("untrained")
+
+
+def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None):
+    model = tiny_model(K, block_size)
+    save_checkpoint(str(out_dir), {
+        "model": model.state_dict(), "model_args": vars(model.config).copy(), "iter_num": 7, "best_val_loss": 9.9,
+        "codec": {"name": codec_name or codec.name, "bandwidth": codec.bandwidth, "n_codebooks": K,
+                  "codebook_size": codec.codebook_size, "sample_rate": codec.sample_rate,
+                  "frame_rate": codec.frame_rate},
+        "config": {}})
+    return str(out_dir)
+
+
+def run_sample(out_dir, *args):
+    sample.main([f"--out_dir={out_dir}", "--device=cpu", *args])
+    return os.path.join(out_dir, "samples")
+
+
+def reference_greedy(model, frames, prompt=None, context_stride=0.25):
+    """Greedy generation the slow, obvious way: every step runs the plain forward (no cache) over the
+    current window of delayed steps, re-applying the warm-up triangle at the window's start."""
+    K, special, block_size = model.config.n_codebooks, model.config.codebook_size, model.config.block_size
+    keep = context_keep_steps(block_size, context_stride, K)
+    P = 0 if prompt is None else prompt.shape[1]
+    steps = frames + K - 1
+    delayed = torch.full((1, K, steps), special)
+    if P:
+        delayed[0, :, :P + K - 1] = delay_interleave(prompt, special)
+    start = 0                                   # first step of the window
+    for s in range(P, steps):
+        if s == 0:                              # from scratch: an all-special start step
+            inputs = torch.full((1, K, 1), special)
+        else:
+            if s - start > block_size:          # window full: keep the last `keep` steps
+                start = s - keep
+            inputs = delayed[:, :, start:s].clone()
+            for k in range(1, K):
+                inputs[:, k, :k] = special
+        codes = model(inputs)[0][:, :, -1].argmax(-1)
+        for k in range(K):
+            if s - k < P:                       # warm-up (special) or prompt: forced
+                codes[:, k] = delayed[:, k, s]
+        delayed[:, :, s] = codes
+    return delay_deinterleave(delayed)
+
+
+@pytest.mark.parametrize("K,block_size,frames,prompt_frames", [
+    (4, 64, 30, 0), (4, 64, 30, 9), (1, 64, 20, 3),
+    (4, 16, 100, 0), (3, 16, 60, 12), (4, 16, 60, 40),    # these slide the window
+    (8, 8, 40, 0)])                                        # keeps K - 1 steps, not 6
+def test_cached_greedy_equals_full_recompute(K, block_size, frames, prompt_frames):
+    model = tiny_model(K, block_size).double()  # float64: no argmax flips from rounding
+    prompt = torch.randint(0, V, (K, prompt_frames)) if prompt_frames else None
+    fast = generate(model, frames, prompt, temperature=0, context_stride=0.25)
+    slow = reference_greedy(model, frames, prompt, context_stride=0.25)
+    assert fast.shape == (1, K, frames)
+    assert torch.equal(fast, slow)
+
+
+def test_seed_reproducible_and_prompt_is_prefix():
+    model = tiny_model(K=4)
+    prompt = torch.randint(0, V, (4, 10))
+    a = generate(model, 40, prompt, top_k=50, num_samples=3, seed=1)
+    b = generate(model, 40, prompt, top_k=50, num_samples=3, seed=1)
+    c = generate(model, 40, prompt, top_k=50, num_samples=3, seed=2)
+    assert a.shape == (3, 4, 40)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, :, 10:], c[:, :, 10:])
+    assert not torch.equal(a[0], a[1])               # the samples of a batch differ
+    assert torch.equal(a[:, :, :10], prompt.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=5.0, top_k=V), dict(temperature=1.0, top_k=5, top_p=0.5),
+                                      dict(temperature=0.0)])
+def test_special_token_never_in_output(settings):
+    # from scratch, past the context (block 16), with a prompt: all paths that force the special token
+    model = tiny_model(K=8, block_size=16)
+    for prompt in (None, torch.randint(0, V, (8, 5))):
+        codes = generate(model, 100, prompt, num_samples=2, **settings)
+        assert codes.shape == (2, 8, 100)
+        assert codes.min() >= 0 and codes.max() < V
+
+
+@pytest.mark.parametrize("K", [1, 8])
+def test_wav_length_and_index(tmp_path, codec, K):
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=K)
+    sample_dir = run_sample(out_dir, "--seconds=0.5", "--num_samples=2", "--top_k=100")
+    page = open(os.path.join(sample_dir, "index.html")).read()
+    wavs = sorted(f for f in os.listdir(sample_dir) if f.endswith(".wav"))
+    assert wavs == ["sample_000.wav", "sample_001.wav"]
+    for name in wavs:
+        audio, rate = sf.read(os.path.join(sample_dir, name))
+        assert rate == 24000 and audio.ndim == 1
+        assert abs(len(audio) - 0.5 * 24000) <= 24000 / 75
+        assert f'src="{name}"' in page and f'src="{name[:-4]}.png"' in page
+        assert os.path.getsize(os.path.join(sample_dir, name[:-4] + ".png")) > 1000
+    for setting in ("iteration 7", "untrained", "MEANINGLESS", "seed", "temperature"):
+        assert setting in page
+
+
+def test_prompt_continuation_through_sample_py(tmp_path, codec):
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=8, block_size=64)
+    t = torch.arange(24000) / 24000
+    save_wav(str(tmp_path / "prompt.wav"), 0.3 * torch.sin(2 * torch.pi * 440 * t), 24000)  # 1 s > context
+    kept_frames = context_keep_steps(64, 0.25, 8)
+    sample_dir = run_sample(out_dir, f"--prompt={tmp_path / 'prompt.wav'}", "--seconds=0.4", "--top_k=10")
+    audio, _ = sf.read(os.path.join(sample_dir, "sample_000.wav"))
+    assert abs(len(audio) - (kept_frames * 320 + 0.4 * 24000)) <= 320      # prompt (cut) + continuation
+    sample_dir = run_sample(out_dir, f"--prompt={tmp_path / 'prompt.wav'}", "--seconds=0.4", "--top_k=10",
+                            "--keep_prompt=False", f"--sample_dir={tmp_path / 'b'}")
+    audio, _ = sf.read(tmp_path / "b" / "sample_000.wav")
+    assert abs(len(audio) - 0.4 * 24000) <= 320
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seconds=0"], "seconds must be > 0"),
+    (["--seconds=-2"], "seconds must be > 0"),
+    (["--top_k=0"], "top_k must be between 1 and the codebook size 1024"),
+    (["--top_k=1025"], "top_k must be between 1 and the codebook size 1024"),
+    (["--top_p=1.5"], r"top_p must be between 0 and 1 \(0 = off\)"),
+    (["--top_p=-0.1"], r"top_p must be between 0 and 1 \(0 = off\)"),
+    (["--temperature=-1"], r"temperature must be >= 0"),
+    (["--num_samples=0"], r"num_samples must be at least 1"),
+    (["--context_stride=0"], r"context_stride must be in \(0, 1\]"),
+    (["--codec=encodec_24khz"], "codec mismatch: .* was trained on untrained tokens but codec=encodec_24khz"),
+    (["--prompt=PROMPT"], "bad.wav"),
+    (["--prompt=MISSING"], "nope.wav"),
+])
+def test_errors(tmp_path, codec, args, message):
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
+    (tmp_path / "bad.wav").write_text("not audio")
+    args = [a.replace("PROMPT", str(tmp_path / "bad.wav")).replace("MISSING", str(tmp_path / "nope.wav"))
+            for a in args]
+    with pytest.raises(UserError, match=message) as e:
+        run_sample(out_dir, *args)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(out_dir, "samples"))   # nothing written on a user error
+
+
+def test_error_no_checkpoint(tmp_path):
+    with pytest.raises(UserError, match=r"no checkpoint at .*ckpt.pt: train first \(python train.py"):
+        run_sample(str(tmp_path / "nothing"))
+
+
+def test_error_missing_codec_weights(tmp_path, codec, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # weights cached on this machine must not count
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2, codec_name="encodec_24khz")
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(UserError, match="encodec_24khz-d7cc33bc.th") as e:
+        run_sample(out_dir, f"--codec_dir={empty}")
+    assert "\n" not in str(e.value)
