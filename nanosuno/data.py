@@ -9,6 +9,7 @@ prepare.py writes, into data_dir:
                       {"splits": {"train": {"frames": N, "files": [{"path", "offset", "frames"}]}}}
 JSON, never pickle. The per-file offsets keep training windows inside one recording.
 """
+import hashlib
 import json
 import os
 
@@ -107,3 +108,33 @@ class Batches:
         else:
             window = window.to(device)
         return window[:, :, :-1], window[:, :, 1:]
+
+
+def assign_splits(names, val_fraction):
+    """{name: "train" or "val"} for files named by their path relative to the corpus. A file goes
+    to val when a hash of its name falls below val_fraction: the same on every machine, and a file
+    keeps its split when others are added. With two or more files and val_fraction > 0 neither
+    split is left empty: the lowest-hashing file is then val, the highest-hashing one train."""
+    score = {name: int(hashlib.sha256(name.encode()).hexdigest()[:12], 16) / 16 ** 12 for name in names}
+    val = {name for name in names if score[name] < val_fraction}
+    if val_fraction > 0 and len(names) >= 2:
+        if not val:
+            val = {min(names, key=score.get)}
+        if len(val) == len(names):
+            val.remove(max(names, key=score.get))
+    return {name: "val" if name in val else "train" for name in names}
+
+
+def write_split(path, code_arrays):
+    """Write (n_codebooks, frames) code arrays one after the other as a frame-major uint16 file,
+    through a temporary name; returns the number of frames. Holds one array at a time."""
+    frames = 0
+
+    def write(tmp):
+        nonlocal frames
+        with open(tmp, "wb") as f:
+            for codes in code_arrays:
+                f.write(np.ascontiguousarray(codes.T, dtype=TOKEN_DTYPE).tobytes())
+                frames += codes.shape[1]
+    atomic_write(path, write)
+    return frames

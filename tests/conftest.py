@@ -3,6 +3,10 @@ import json
 import os
 import sys
 
+# Set before torch is first imported: torch's OpenMP threads otherwise busy-wait, and on a machine
+# whose cores are shared (CI runners, a loader thread, parallel jobs) that slows tests several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,300 @@
+"""
+Throughput benchmarks. They print figures and assert nothing (never part of the test suite).
+
+    python bench.py prepare [--corpus=DIR] [--minutes=N] [--long_minutes=30] [--codec=NAME]
+    python bench.py train
+    python bench.py sample
+    python bench.py all
+
+Each measurement runs in a fresh process, so that its peak memory (RSS high-water mark) is its own.
+
+prepare: the whole prepare.py command on a real corpus, next to the codec's raw encode of the same
+audio (already decoded and in memory) in the same run; then one long file (the corpus looped to
+--long_minutes) to show that peak memory does not grow with a file's length. Targets: prepare
+reaches at least 80% of raw encode's audio-seconds per second; a 30-minute file prepares in
+under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
+    cd /tmp && apt-get download wesnoth-1.16-music && dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in prepare.py: set before torch is imported
+
+import argparse
+import multiprocessing
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+WESNOTH = "/tmp/wesnoth/usr/share/games/wesnoth/1.16/data/core/music"
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new process: returns (its result, its peak RSS in MB)."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_measured, args=(send, fn, *args))
+    process.start()
+    send.close()  # the child's copy remains: if the child dies, recv() raises instead of waiting forever
+    try:
+        return receive.recv()
+    except EOFError:
+        sys.exit(f"the measurement {fn.__name__} failed (see above)")
+    finally:
+        process.join()
+
+
+def _measured(send, fn, *args):
+    result = fn(*args)
+    send.send((result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # KB on Linux
+
+
+# --- prepare -----------------------------------------------------------------------------------
+
+def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=None):
+    import soundfile as sf
+    from nanosuno.audio import find_audio_files
+    from nanosuno.codec import pretrained_available
+    if not os.path.isdir(corpus):
+        sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
+                 f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")
+    if codec_name is None:
+        codec_name = "encodec_24khz" if pretrained_available() else "untrained"
+        if codec_name == "untrained":
+            print("pretrained weights not available: timing the untrained codec (same architecture, "
+                  "so the same speed)")
+    paths, seconds = [], 0.0
+    for path in find_audio_files(corpus):
+        if minutes is not None and seconds >= 60 * minutes:
+            break
+        paths.append(path)
+        seconds += sf.info(path).duration
+    work = tempfile.mkdtemp(prefix="bench-prepare-")
+    try:
+        corpus_copy = os.path.join(work, "corpus")  # links: prepare sees exactly the chosen files
+        os.makedirs(corpus_copy)
+        for path in paths:
+            os.symlink(os.path.abspath(path), os.path.join(corpus_copy, os.path.basename(path)))
+        print(f"corpus: {len(paths)} files, {seconds / 60:.1f} min of audio from {corpus}; "
+              f"codec {codec_name}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+        # CPU seconds (all threads) next to wall-clock ones: on a machine shared with other jobs the
+        # wall-clock figures move with their load, the CPU ones much less
+        (encode_seconds, encode_time, encode_cpu, distinct), encode_peak = in_fresh_process(
+            raw_encode, paths, codec_name)
+        raw = encode_seconds / encode_time
+        print(f"raw encode: {raw:.1f} audio-s/s ({encode_seconds / 60:.1f} min of audio in {encode_time:.1f} s, "
+              f"{encode_cpu:.1f} CPU-s; audio decoded beforehand), peak RSS {encode_peak:.0f} MB")
+        for name, counts in distinct:
+            print(f"  distinct codes per codebook on 20 s of {name}: {counts}")
+
+        (prepare_time, prepare_cpu), prepare_peak = in_fresh_process(
+            run_prepare, corpus_copy, os.path.join(work, "tokens"), codec_name)
+        print(f"prepare: {encode_seconds / prepare_time:.1f} audio-s/s ({encode_seconds / 60:.1f} min in "
+              f"{prepare_time:.1f} s, {prepare_cpu:.1f} CPU-s; the whole command), peak RSS {prepare_peak:.0f} MB")
+        print(f"prepare / raw encode: {encode_time / prepare_time:.0%} by wall clock, "
+              f"{encode_cpu / prepare_cpu:.0%} by CPU time (target: at least 80%)")
+
+        if long_minutes:
+            long_dir = os.path.join(work, "long")
+            long_seconds = write_long_file(paths, os.path.join(long_dir, "long.wav"), 60 * long_minutes)
+            (long_time, _), long_peak = in_fresh_process(run_prepare, long_dir, os.path.join(work, "long-tokens"), codec_name)
+            print(f"one {long_seconds / 60:.0f}-minute file (44.1 kHz stereo WAV): {long_seconds / long_time:.1f} "
+                  f"audio-s/s, peak RSS {long_peak:.0f} MB (target: under 2048 MB; the corpus run "
+                  f"above: {prepare_peak:.0f} MB)")
+        print(f"load average now {os.getloadavg()[0]:.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def raw_encode(paths, codec_name):
+    """Time codec.encode alone on each file's audio, decoded beforehand (untimed)."""
+    import torch
+    from nanosuno.audio import AudioError, load_audio
+    from nanosuno.codec import load_codec
+    from nanosuno.hardware import pick_device
+    codec = load_codec(codec_name, device=pick_device("auto"))
+    seconds, elapsed, cpu, distinct = 0.0, 0.0, 0.0, []
+    for path in paths:
+        try:
+            waveform = load_audio(path, codec.sample_rate)
+        except AudioError as e:  # prepare skips it too
+            print(f"skipping {e}")
+            continue
+        start, start_cpu = time.time(), time.process_time()
+        codes = codec.encode(waveform)
+        if codec.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.time() - start
+        cpu += time.process_time() - start_cpu
+        seconds += waveform.numel() / codec.sample_rate
+        if len(distinct) < 3 and waveform.numel() >= 50 * codec.sample_rate:  # 20 s from 0:30 on
+            frames = slice(30 * codec.frame_rate, 50 * codec.frame_rate)
+            distinct.append((os.path.basename(path), [len(torch.unique(c[frames])) for c in codes]))
+    return seconds, elapsed, cpu, distinct
+
+
+def run_prepare(input_dir, data_dir, codec_name):
+    """Wall-clock and CPU seconds of the whole prepare command (codec loading included)."""
+    import prepare
+    start, start_cpu = time.time(), time.process_time()
+    prepare.main([f"--input_dir={input_dir}", f"--data_dir={data_dir}", f"--codec={codec_name}"])
+    return time.time() - start, time.process_time() - start_cpu
+
+
+def write_long_file(paths, out_path, seconds):
+    """Loop the corpus into one long 44.1 kHz stereo 16-bit WAV; returns its length in seconds."""
+    import numpy as np
+    import soundfile as sf
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    rate, written = 44100, 0
+    with sf.SoundFile(out_path, "w", samplerate=rate, channels=2, subtype="PCM_16") as out:
+        while 0 < written < seconds * rate or written == 0 and paths:
+            before = written
+            for path in paths:
+                data, file_rate = sf.read(path, dtype="float32", always_2d=True)
+                if file_rate != rate or data.shape[1] > 2:
+                    continue
+                data = np.repeat(data, 2, axis=1) if data.shape[1] == 1 else data
+                data = data[:int(seconds * rate) - written]
+                out.write(data)
+                written += len(data)
+                if written >= seconds * rate:
+                    break
+            if written == before:  # no file at 44.1 kHz in the corpus
+                break
+    return written / rate
+
+
+# --- train, sample: placeholders for their authors ---------------------------------------------
+
+def bench_train():
+    print("bench train: not yet implemented")
+
+
+# --- sample ----------------------------------------------------------------------------------------
+
+class StepClock:
+    """A progress hook for generate() that times its steps, leaving out the prefill before them."""
+
+    def __init__(self):
+        self.steps, self.first, self.last = 0, None, None
+
+    def update(self, n):
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+        self.steps += n
+
+    def steps_per_second(self):
+        return (self.steps - 1) / (self.last - self.first)
+
+
+def decode_loop_rate(model, context, steps, batch_size=1):
+    """steps/s of a bare loop of decode_step calls after `context` cached steps, nothing sampled:
+    what the model alone costs."""
+    import torch
+    K = model.config.n_codebooks
+    cache, codes = model.new_cache(batch_size), torch.zeros(batch_size, K, dtype=torch.long)
+    with torch.inference_mode():
+        model.prefill(torch.zeros(batch_size, K, context, dtype=torch.long), cache)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.decode_step(codes, cache)
+    return steps / (time.perf_counter() - start)
+
+
+def generate_rate(model, frames, prompt_frames=0, batch_size=1):
+    """steps/s of generate()'s steps (default sampling settings, prefill left out), and its codes."""
+    import torch
+    from nanosuno.generate import generate
+    prompt = torch.randint(0, 1024, (model.config.n_codebooks, prompt_frames)) if prompt_frames else None
+    clock = StepClock()
+    codes = generate(model, frames, prompt, num_samples=batch_size, progress=clock)
+    return clock.steps_per_second(), codes
+
+
+def best_of(repeats, *measures):
+    """The fastest of a few runs of each measurement: on a shared machine the slower runs measure the
+    neighbours. Runs alternate between the measurements, so that a change of load hits all alike."""
+    runs = [[measure() for measure in measures] for _ in range(repeats)]
+    return [max(column) for column in zip(*runs)]
+
+
+def bench_sample(repeats=3):
+    """Generation speed at config/small.py's shape, random weights (speed does not depend on them).
+    A step is 1/75 s of audio for every sample of the batch. Best of `repeats` runs."""
+    import copy
+    import torch
+    from nanosuno.codec import load_codec
+    from nanosuno.model import GPT, GPTConfig, sample_next
+    short, full, threads = 750, 2048, torch.get_num_threads()
+    torch.manual_seed(0)
+    fp32 = GPT(GPTConfig(block_size=full, n_codebooks=8, codebook_size=1024, n_layer=6, n_head=8, n_embd=256)).eval()
+    models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+    logits = torch.randn(1, 8, 1024)
+
+    def sample_next_rate():
+        start = time.perf_counter()
+        for _ in range(200):
+            sample_next(logits, 1.0, 250)
+        return 200 / (time.perf_counter() - start)
+
+    print(f"sample: config/small.py shape, random weights, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores; steps/s (75 steps = 1 s of audio), best of {repeats}")
+    print("bare = a loop of model.decode_step calls; generate() = the same plus sampling and bookkeeping;")
+    print("loop = generate()'s time per step beyond the bare loop's; target: generate() fp32 at least 1000 steps/s")
+    print(f"{'dtype':5} {'threads':>7} | {'bare 0-10 s':>11} {'generate()':>10} {'loop us':>7} | "
+          f"{'bare 25-27 s':>12} {'generate()':>10} | {'sample_next us':>14}")
+    rates = {}
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        for dtype, model in models.items():
+            generate_rate(model, 50)  # warm-up
+            bare_short, gen_short, sample_rate = best_of(repeats, lambda: decode_loop_rate(model, 1, short),
+                                                         lambda: generate_rate(model, short)[0], sample_next_rate)
+            bare_full, gen_full = best_of(repeats, lambda: decode_loop_rate(model, full - 150, 140),
+                                          lambda: generate_rate(model, full - 7, prompt_frames=full - 150)[0])
+            sample_us = 1e6 / sample_rate
+            loop_us = 1e6 / gen_short - 1e6 / bare_short
+            print(f"{dtype:5} {n_threads:7} | {bare_short:11.0f} {gen_short:10.0f} {loop_us:7.0f} | "
+                  f"{bare_full:12.0f} {gen_full:10.0f} | {sample_us:14.0f}")
+            rates[dtype, n_threads] = gen_short
+
+    dtype, n_threads = max(rates, key=rates.get)
+    torch.set_num_threads(n_threads)
+    model = models[dtype]
+    print(f"fastest: {dtype}, {n_threads} thread(s); with it:")
+    gen1, gen8, bare8 = best_of(repeats, lambda: generate_rate(model, short)[0],
+                                lambda: generate_rate(model, short, batch_size=8)[0],
+                                lambda: decode_loop_rate(model, 1, short, batch_size=8))
+    print(f"  batch 8, 0-10 s: generate() {gen8:.0f} steps/s = {8 * gen8:.0f} frames/s aggregate = "
+          f"{8 * gen8 / gen1:.1f}x batch 1 (target: at least 5x; bare loop {bare8:.0f} steps/s)")
+    codec = load_codec("untrained")  # the pretrained codec's architecture: the same decoding speed
+    for seconds in (10, 120):
+        start = time.perf_counter()
+        codes = generate_rate(model, seconds * 75)[1]
+        t_generate = time.perf_counter() - start
+        codec.decode(codes[0])
+        t_decode = time.perf_counter() - start - t_generate
+        print(f"  {seconds:3d} s piece{', slides the 27 s window' if seconds * 75 > full else ''}: generate "
+              f"{t_generate:.1f} s ({seconds / t_generate:.1f}x real time) + Encodec decode {t_decode:.1f} s "
+              f"({seconds / t_decode:.1f}x) = {seconds / (t_generate + t_decode):.1f}x real time (target: at least 5x)")
+    print(f"load average now {os.getloadavg()[0]:.1f}")
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
+    parser.add_argument("what", choices=["prepare", "train", "sample", "all"])
+    parser.add_argument("--corpus", default=WESNOTH, help="prepare: folder of music")
+    parser.add_argument("--minutes", type=float, default=None, help="prepare: use only this much of the corpus")
+    parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
+    parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
+    args = parser.parse_args()
+    if args.what in ("prepare", "all"):
+        bench_prepare(args.corpus, args.minutes, args.long_minutes, args.codec)
+    if args.what in ("train", "all"):
+        bench_train()
+    if args.what in ("sample", "all"):
+        bench_sample()

@@ -1,0 +1,166 @@
+"""
+Audio files in and out, through soundfile (libsndfile: wav, flac, ogg, mp3). torchaudio's own
+load/save need torchcodec, which nanosuno does not use; torchaudio only resamples.
+
+Files are read in blocks and resampled block by block, so a 30-minute recording never sits in
+memory at its original rate: each block is resampled together with a little audio on both sides
+(the resampling filter's reach), and block edges fall on multiples of the rate ratio, so the
+result equals resampling the whole file at once. (MP3 files are the exception: libsndfile needs
+to decode them in one piece, see _read_blocks.)
+"""
+import math
+import os
+import re
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from nanosuno.config import UserError
+from nanosuno.data import atomic_write
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+
+
+class AudioError(UserError):
+    """An audio file that cannot be used: `path` and the `reason` why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def find_audio_files(directory, skipped=None):
+    """Audio files under directory (following links), sorted the same way on every machine.
+    Folders that cannot be read and broken links are appended to `skipped` as (path, reason);
+    hidden files and folders (.name) are left out."""
+    found, seen = [], set()
+
+    def walk(folder):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            if skipped is not None:
+                skipped.append((folder, f"cannot read folder: {e.strerror or e}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                walk(entry.path)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                if skipped is not None:
+                    skipped.append((entry.path, "broken link"))
+            elif entry.name.lower().endswith(AUDIO_EXTENSIONS):
+                found.append(entry.path)
+
+    walk(directory)
+    return found
+
+
+def audio_seconds(path):
+    """Duration from the file's header (0 if it cannot be read): cheap, for progress bars."""
+    try:
+        return sf.info(path).duration
+    except Exception:
+        return 0.0
+
+
+def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0):
+    """Yield the file as consecutive mono float32 tensors at sample_rate (channel mean), about
+    block_seconds each. Raises AudioError when the file cannot be read."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise AudioError(path, "empty file (0 bytes)")
+        f = sf.SoundFile(path)
+    except OSError as e:
+        raise AudioError(path, f"cannot read file ({e.strerror})")
+    except RuntimeError as e:  # soundfile.LibsndfileError
+        raise AudioError(path, f"not a readable audio file ({_reason(e)})")
+    with f:
+        rate, declared = f.samplerate, f.frames
+        if cut := _cut_short(f.extra_info):
+            raise AudioError(path, f"truncated ({cut})")
+        # resample in whole periods of the rate ratio: `step` input samples give `step_out` outputs
+        gcd = math.gcd(rate, sample_rate)
+        step, step_out = rate // gcd, sample_rate // gcd
+        context = step * math.ceil(64 / step)  # > the filter's reach (6 zero crossings) on each side
+        block = step * max(1, round(block_seconds * rate / step))
+        pending = torch.zeros(context)  # input not yet resampled, after `context` samples of left context
+        read = 0
+        for data in _read_blocks(f, block, path):
+            read += len(data)
+            mono = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
+            if rate == sample_rate:
+                if len(mono):
+                    yield mono
+                continue
+            pending = torch.cat([pending, mono])
+            ready = (pending.numel() - 2 * context) // step * step  # samples that have their right context
+            if len(data) == 0:
+                ready = pending.numel() - context  # the end: the right context is silence
+            if ready > 0:
+                resampled = torchaudio.functional.resample(pending[:context + ready + context], rate, sample_rate)
+                first = context // step * step_out
+                yield resampled[first:first + math.ceil(ready * step_out / step)]
+                pending = pending[ready:]
+    # headers can be a little off (an Ogg file of the Wesnoth soundtrack promises 0.13 s more than
+    # it holds): only a clear shortfall means the file was cut off
+    if declared - read > max(rate, 0.02 * declared):
+        raise AudioError(path, f"truncated (header says {declared / rate:.1f} s, "
+                         f"only {read / rate:.1f} s could be read)")
+
+
+def _read_blocks(f, block, path):
+    """(frames, channels) float32 arrays of at most `block` frames, then one empty array."""
+    try:
+        if f.format == "MP3":
+            # libsndfile 1.2.2 decodes MP3 wrongly after a read that stops mid-file, so an MP3 is
+            # read in one piece, as 16-bit (10 MB per stereo minute), and cut up afterwards
+            whole = f.read(dtype="int16", always_2d=True)
+            for start in range(0, len(whole), block):
+                yield whole[start:start + block].astype(np.float32) / 32768
+        else:
+            while len(data := f.read(block, dtype="float32", always_2d=True)):
+                yield data
+    except RuntimeError as e:
+        raise AudioError(path, f"damaged or truncated ({_reason(e)})")
+    yield np.zeros((0, f.channels), dtype=np.float32)
+
+
+def load_audio(path, sample_rate=24000):
+    """The whole file as one mono float32 tensor (samples,) at sample_rate."""
+    blocks = list(iter_audio_blocks(path, sample_rate))
+    return torch.cat(blocks) if blocks else torch.zeros(0)
+
+
+def save_wav(path, waveform, sample_rate, subtype="PCM_16"):
+    """Write (samples,) or (channels, samples) audio as WAV, 16-bit ("PCM_16", clipped to [-1, 1])
+    or float ("FLOAT"); written to a temporary name and renamed."""
+    audio = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu())
+    audio = audio.T if audio.ndim == 2 else audio  # soundfile wants (samples, channels)
+    if subtype.startswith("PCM"):
+        audio = np.clip(audio, -1.0, 1.0)
+    atomic_write(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype=subtype, format="WAV"))
+
+
+def _cut_short(log):
+    """Why libsndfile's log says the file was cut short, or None. libsndfile itself reads what is
+    there without complaint; a cut-off recording would otherwise be trained on as if whole."""
+    data = re.search(r"^data : (\d+) \(should be (\d+)\)", log, re.M)  # WAV
+    if data and int(data[2]) < int(data[1]) < 0xFFFFFF00:  # (streamed WAVs hold a placeholder size)
+        return f"its header announces {int(data[1])} bytes of audio, the file holds {int(data[2])}"
+    if "Last page lacks an end-of-stream bit" in log:  # Ogg
+        return "the Ogg stream stops without its end marker"
+    return None
+
+
+def _reason(error):
+    """libsndfile's own words, without the repeated file name."""
+    text = str(getattr(error, "error_string", "") or error)
+    return text.removeprefix("Error : ").rstrip(".")

@@ -1,0 +1,315 @@
+"""prepare.py and what it stands on (audio I/O, the demo corpus, the train/val split): mixed formats,
+bad input, the token files against meta.json, repeatability, the per-file cache. CPU, no network,
+the untrained codec, audio synthesised here."""
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from nanosuno import audio, demo
+from nanosuno.audio import AudioError, find_audio_files, iter_audio_blocks, load_audio, save_wav
+from nanosuno.codec import Codec
+from nanosuno.config import UserError
+from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
+
+import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def music(seconds, rate, channels=1, index=0):
+    """(samples, channels) float32 of the demo synthesiser; the channels differ a little."""
+    mono = demo.synth_piece(index, seconds, rate)
+    return np.stack([mono * (1 - 0.2 * c) for c in range(channels)], axis=1)
+
+
+def make_corpus(folder):
+    """Three good files in three formats, rates and channel counts, and one that is not audio."""
+    os.makedirs(folder, exist_ok=True)
+    sf.write(os.path.join(folder, "a_stereo.wav"), music(1.5, 44100, 2, 0), 44100, subtype="PCM_16")
+    sf.write(os.path.join(folder, "b.flac"), music(1.5, 48000, 1, 1), 48000)
+    sf.write(os.path.join(folder, "c.ogg"), music(1.5, 32000, 2, 2), 32000, format="OGG", subtype="VORBIS")
+    with open(os.path.join(folder, "broken.wav"), "w") as f:
+        f.write("this is a text file, not a recording\n" * 20)
+    return folder
+
+
+def run(capsys, input_dir, data_dir, *args):
+    prepare.main([f"--input_dir={input_dir}", f"--data_dir={data_dir}", "--codec=untrained", *args])
+    return capsys.readouterr().out
+
+
+def read_bytes(data_dir):
+    return {name: open(os.path.join(data_dir, name), "rb").read() for name in ("train.bin", "val.bin", "meta.json")}
+
+
+def count_encodes(monkeypatch, interrupt_at=None):
+    """Count files the codec encodes (patching Codec.encode_blocks); optionally interrupt one."""
+    calls = {"started": 0, "done": 0}
+    original = Codec.encode_blocks
+
+    def encode_blocks(self, blocks):
+        calls["started"] += 1
+        if calls["started"] == interrupt_at:
+            raise KeyboardInterrupt
+        codes = original(self, blocks)
+        calls["done"] += 1
+        return codes
+    monkeypatch.setattr(Codec, "encode_blocks", encode_blocks)
+    return calls
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+def test_mixed_formats_and_a_corrupt_file(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "wavs")
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "prepared 3 file(s)" in out
+    assert "skipped 1: broken.wav: not a readable audio file" in out
+
+    meta = read_meta(tmp_path / "tokens")
+    assert (meta["codec"], meta["sample_rate"], meta["frame_rate"], meta["bandwidth"]) == ("untrained", 24000, 75, 6.0)
+    assert (meta["n_codebooks"], meta["codebook_size"], meta["dtype"]) == (8, 1024, "uint16")
+    files = meta["splits"]["train"]["files"] + meta["splits"]["val"]["files"]
+    assert sorted(f["path"] for f in files) == ["a_stereo.wav", "b.flac", "c.ogg"]
+    assert meta["splits"]["val"]["files"] and meta["splits"]["train"]["files"]  # 3 files: neither split empty
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        size = os.path.getsize(tmp_path / "tokens" / f"{split}.bin")
+        assert size == info["frames"] * 8 * np.dtype(TOKEN_DTYPE).itemsize
+        offset = 0
+        for f in info["files"]:  # contiguous, and one frame per 320 samples at 24 kHz
+            assert f["offset"] == offset
+            source = sf.info(os.path.join(corpus, f["path"]))
+            assert f["frames"] == math.ceil(math.ceil(source.frames * 24000 / source.samplerate) / 320)
+            offset += f["frames"]
+        assert offset == info["frames"]
+        tokens = open_split(tmp_path / "tokens", meta, split)
+        assert tokens.shape == (info["frames"], 8) and tokens.dtype == np.uint16
+        assert tokens.max() < 1024
+        assert len(np.unique(tokens[:, 0])) > 10  # real codes, not one repeated value
+
+
+def test_two_runs_are_byte_identical_and_a_rerun_uses_the_cache(tmp_path, capsys, monkeypatch):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "one")
+    run(capsys, corpus, tmp_path / "two")  # its own cache: everything encoded again
+    assert read_bytes(tmp_path / "one") == read_bytes(tmp_path / "two")
+    calls = count_encodes(monkeypatch)
+    out = run(capsys, corpus, tmp_path / "one")
+    assert "1 to encode, 3 cached" in out  # broken.wav is tried again
+    assert calls["done"] == 0
+    assert read_bytes(tmp_path / "one") == read_bytes(tmp_path / "two")
+
+
+def test_adding_a_file_encodes_only_that_file(tmp_path, capsys, monkeypatch):
+    corpus = make_corpus(tmp_path / "wavs")
+    os.remove(corpus / "broken.wav")
+    run(capsys, corpus, tmp_path / "tokens")
+    cache = tmp_path / "tokens" / "cache"
+    before = {name: os.stat(cache / name).st_mtime_ns for name in os.listdir(cache)}
+    sf.write(corpus / "d_new.wav", music(1.0, 24000, 1, 4), 24000)
+    calls = count_encodes(monkeypatch)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "1 to encode, 3 cached" in out and calls["done"] == 1
+    assert {name: os.stat(cache / name).st_mtime_ns for name in before} == before
+    meta = read_meta(tmp_path / "tokens")
+    assert sum(len(s["files"]) for s in meta["splits"].values()) == 4
+
+
+def test_a_changed_file_is_encoded_again(tmp_path, capsys, monkeypatch):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "tokens")
+    sf.write(corpus / "b.flac", music(2.0, 48000, 1, 5), 48000)  # new size and modification time
+    calls = count_encodes(monkeypatch)
+    run(capsys, corpus, tmp_path / "tokens")
+    assert calls["done"] == 1
+    files = {f["path"]: f["frames"] for s in read_meta(tmp_path / "tokens")["splits"].values() for f in s["files"]}
+    assert files["b.flac"] == 150
+
+
+def test_an_interrupted_run_resumes(tmp_path, capsys, monkeypatch):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "tokens")
+    with pytest.raises(KeyboardInterrupt):  # a second data_dir, interrupted at its second file
+        count_encodes(monkeypatch, interrupt_at=2)
+        run(capsys, corpus, tmp_path / "again")
+    assert not os.path.exists(tmp_path / "again" / "meta.json")
+    assert len(os.listdir(tmp_path / "again" / "cache")) == 1
+    calls = count_encodes(monkeypatch)
+    run(capsys, corpus, tmp_path / "again")
+    assert calls["done"] == 2  # only the two files not finished before
+    assert read_bytes(tmp_path / "again") == read_bytes(tmp_path / "tokens")
+
+
+def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "wavs"
+    os.makedirs(corpus / "locked")
+    sf.write(corpus / "good.wav", music(1.0, 24000), 24000)
+    sf.write(corpus / "locked" / "hidden_by_permissions.wav", music(1.0, 24000), 24000)
+    sf.write(corpus / "silent.wav", np.zeros(24000, dtype=np.float32), 24000)
+    sf.write(corpus / "tiny.wav", music(0.004, 24000), 24000)  # 96 samples: less than one frame
+    open(corpus / "empty.wav", "wb").close()
+    with open(corpus / "text.wav", "w") as f:
+        f.write("not audio\n")
+    whole = open(corpus / "good.wav", "rb").read()
+    open(corpus / "truncated.wav", "wb").write(whole[:len(whole) // 2])
+    sf.write(tmp_path / "whole.flac", music(3.0, 44100), 44100)
+    whole = open(tmp_path / "whole.flac", "rb").read()
+    open(corpus / "truncated.flac", "wb").write(whole[:len(whole) // 2])
+    os.symlink(tmp_path / "nowhere", corpus / "gone")  # a link to a folder that is not there
+    os.symlink(tmp_path / "moved.wav", corpus / "moved.wav")  # ... and to a file
+    open(corpus / "notes.txt", "w").write("ignored: not an audio extension")
+    # root can read any folder, so make one unreadable the way the OS would say it
+    scandir = os.scandir
+
+    def locked_scandir(path):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+    monkeypatch.setattr(audio.os, "scandir", locked_scandir)
+
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "prepared 2 file(s)" in out
+    assert "silent, kept: silent.wav" in out
+    for expected in ("empty.wav: empty file (0 bytes)", "text.wav: not a readable audio file",
+                     "tiny.wav: shorter than one codec frame", "truncated.wav: truncated",
+                     "truncated.flac: damaged or truncated", "locked: cannot read folder: Permission denied",
+                     "gone: broken link", "moved.wav: broken link"):
+        assert expected in out
+    assert "skipped 8" in out
+    meta = read_meta(tmp_path / "tokens")
+    assert sorted(f["path"] for s in meta["splits"].values() for f in s["files"]) == ["good.wav", "silent.wav"]
+
+
+def test_nothing_usable_is_an_error(tmp_path, capsys):
+    corpus = tmp_path / "wavs"
+    corpus.mkdir()
+    open(corpus / "empty.wav", "wb").close()
+    open(corpus / "text.mp3", "w").write("not audio")
+    with pytest.raises(UserError, match="nothing could be prepared"):
+        run(capsys, corpus, tmp_path / "tokens")
+
+
+def test_an_explicit_missing_or_empty_folder_is_an_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="does not exist"):
+        run(capsys, tmp_path / "missing", tmp_path / "tokens")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no audio files"):
+        run(capsys, tmp_path / "empty", tmp_path / "tokens")
+    assert os.listdir(tmp_path / "empty") == []  # no demo corpus written into the user's folder
+
+
+def test_the_default_folder_gets_the_demo_corpus(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # the real corpus is 12 minutes (tested below); here a small one keeps the test fast
+    monkeypatch.setattr(demo, "make_demo_corpus",
+                        functools.partial(demo.make_demo_corpus, n_files=3, seconds=2.0))
+    prepare.main(["--codec=untrained"])
+    out = capsys.readouterr().out
+    assert "demo corpus" in out and "prepared 3 file(s)" in out
+    assert len(find_audio_files("data/wavs")) == 3
+    assert read_meta("data/tokens")["splits"]["train"]["frames"] > 0
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "prepare.py", f"--input_dir={tmp_path / 'missing'}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: input_dir {tmp_path / 'missing'} does not exist or is not a folder"
+
+
+def test_bad_val_fraction(tmp_path, capsys):
+    with pytest.raises(UserError, match="val_fraction"):
+        run(capsys, tmp_path, tmp_path / "tokens", "--val_fraction=1.5")
+
+
+# --- the train/val split ---------------------------------------------------------------------
+
+def test_split_is_deterministic_and_stable_when_files_are_added():
+    names = [f"album/track_{i:03d}.flac" for i in range(200)]
+    split = assign_splits(names, 0.1)
+    assert split == assign_splits(list(reversed(names)), 0.1)
+    assert 5 < sum(s == "val" for s in split.values()) < 40
+    more = assign_splits(names + [f"new/{i}.wav" for i in range(50)], 0.1)
+    assert all(more[name] == split[name] for name in names)
+
+
+def test_split_never_leaves_a_side_empty():
+    for n in range(2, 6):
+        names = [f"{i}.wav" for i in range(n)]
+        for fraction in (0.01, 0.5, 0.99):
+            assert set(assign_splits(names, fraction).values()) == {"train", "val"}
+    assert assign_splits(["only.wav"], 0.1) == {"only.wav": "train"}
+    assert set(assign_splits(["a.wav", "b.wav"], 0.0).values()) == {"train"}
+
+
+# --- the demo corpus -------------------------------------------------------------------------
+
+def test_demo_corpus_is_ten_minutes_of_varied_deterministic_music(tmp_path):
+    paths = demo.make_demo_corpus(tmp_path)
+    assert len(paths) >= 12
+    assert sum(sf.info(p).duration for p in paths) >= 600
+    names = [os.path.basename(p).split("_") for p in paths]
+    assert len({n[2] for n in names}) >= 6 and len({n[4] for n in names}) >= 4  # keys, tempi
+    first, rate = sf.read(paths[0], dtype="float32")
+    assert rate == 24000
+    assert np.abs(first - demo.synth_piece(0)).max() < 1e-4  # what the synthesiser makes, 16-bit
+    assert np.array_equal(demo.synth_piece(5, 3.0), demo.synth_piece(5, 3.0))
+
+
+# --- audio I/O -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,rate,channels,kwargs", [
+    ("int16.wav", 44100, 2, {"subtype": "PCM_16"}),
+    ("int24.wav", 22050, 1, {"subtype": "PCM_24"}),
+    ("float.wav", 24000, 2, {"subtype": "FLOAT"}),
+    ("hi.flac", 48000, 2, {}),
+    ("low.ogg", 32000, 1, {"format": "OGG", "subtype": "VORBIS"}),
+    ("song.mp3", 44100, 2, {"format": "MP3", "subtype": "MPEG_LAYER_III"}),
+])
+def test_load_audio_any_format_rate_and_channels(tmp_path, name, rate, channels, kwargs):
+    path = str(tmp_path / name)
+    sf.write(path, music(2.3, rate, channels), rate, **kwargs)
+    stored, _ = sf.read(path, dtype="float32", always_2d=True)
+    expected = torchaudio.functional.resample(torch.from_numpy(stored.mean(axis=1)), rate, 24000)
+    tolerance = 1e-4 if name.endswith(".mp3") else 1e-5  # MP3s are decoded to 16 bits (see audio.py)
+    waveform = load_audio(path)
+    assert waveform.dtype == torch.float32 and waveform.shape == expected.shape
+    assert torch.allclose(waveform, expected, atol=tolerance)
+    # many small blocks, each resampled with its neighbours' samples: the same as one pass
+    blocks = list(iter_audio_blocks(path, 24000, block_seconds=0.3))
+    assert len(blocks) > 5 and torch.allclose(torch.cat(blocks), expected, atol=tolerance)
+
+
+def test_audio_errors_are_user_errors_with_a_reason(tmp_path):
+    with pytest.raises(AudioError, match="cannot read file") as error:
+        load_audio(str(tmp_path / "missing.wav"))
+    assert isinstance(error.value, UserError) and error.value.path.endswith("missing.wav")
+
+
+def test_find_audio_files_is_recursive_sorted_and_case_insensitive(tmp_path):
+    for name in ["b.WAV", "a/z.flac", "a/b/deep.Ogg", "c.mp3", "notes.txt", ".hidden.wav", "a/.cache/x.wav"]:
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        open(tmp_path / name, "w").close()
+    found = [os.path.relpath(p, tmp_path) for p in find_audio_files(str(tmp_path))]
+    assert found == ["a/b/deep.Ogg", "a/z.flac", "b.WAV", "c.mp3"]
+
+
+def test_save_wav(tmp_path):
+    save_wav(tmp_path / "loud.wav", torch.tensor([0.5, -2.0, 2.0]), 24000)
+    data, rate = sf.read(tmp_path / "loud.wav", dtype="float32")
+    assert rate == 24000 and sf.info(tmp_path / "loud.wav").subtype == "PCM_16"
+    assert np.allclose(data, [0.5, -1.0, 1.0], atol=1e-4)  # clipped, not wrapped around
+    stereo = torch.rand(2, 100) - 0.5
+    save_wav(tmp_path / "float.wav", stereo, 48000, subtype="FLOAT")
+    data, rate = sf.read(tmp_path / "float.wav", dtype="float32")
+    assert rate == 48000 and np.array_equal(data, stereo.numpy().T)
+    assert sorted(os.listdir(tmp_path)) == ["float.wav", "loud.wav"]  # no temporary files left
