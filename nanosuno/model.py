@@ -34,15 +34,18 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for up to `max_len` steps, filled left to right.
     Pre-allocated once so that a decode step writes one column in place instead of
-    concatenating (which would copy the whole cache each step)."""
+    concatenating (which would copy the whole cache each step). Per layer, keys and values
+    share one tensor (k/v, B, head, step, head_dim), so that writing a step is a single copy;
+    layers get separate tensors so that torch.compile updates them in place (with one tensor
+    for all layers it copies the whole cache every step)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (2, batch_size, config.n_head, max_len, head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0             # steps filled so far
+        self.weights = None         # the model's parameters in plain dicts, for GPT.decode_step
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,7 +60,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv                                   # each (B, n_head, T, head_dim)
         if cache is None:
             # training / full forward: the fused causal kernel (flash attention on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -65,9 +69,9 @@ class CausalSelfAttention(nn.Module):
         else:
             # write this chunk's keys/values into the cache, attend over everything so far
             start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            kv = cache.kv[layer]
+            kv[:, :, :, start:end] = qkv[1:]
+            k, v = kv[:, :, :, :end]
             if T == 1:      # one new step sees every cached step: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:  # prefill from empty: plain causal
@@ -103,6 +107,12 @@ class Block(nn.Module):
     def forward(self, x, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+
+def _add_linear(x, h, weight, bias):
+    """x + F.linear(h, weight, bias) with the residual add done by the matmul (one addmm)."""
+    y = torch.addmm(x, h, weight.t())
+    return y if bias is None else y + bias
 
 
 def codebook_losses(logits, targets, special):
@@ -186,8 +196,31 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, codes, cache):
-        """One step (B, K) -> logits (B, K, V) for the step after it."""
-        return self(codes.unsqueeze(-1), cache=cache, last_only=True)[0][:, :, -1]
+        """One step (B, K) -> logits (B, K, V) for the step after it.
+        This is forward() for a single step, written out with functional calls: a step is only
+        ~1 ms of work on a CPU, and forward's module calls, nn.Module attribute lookups (~150 a
+        step), no-op dropouts, reshapes and separate residual adds would cost a third as much
+        again. The cache-equivalence test keeps the two in step. Assumes eval mode (no dropout)."""
+        B, K = codes.shape
+        C, H, t = self.config.n_embd, self.config.n_head, cache.length
+        if t >= self.config.block_size:
+            raise ValueError(f"sequence of {t + 1} steps exceeds block_size {self.config.block_size}")
+        if cache.weights is None:   # plain dicts of the parameters, looked up once per cache
+            cache.weights = [dict(block.named_parameters()) for block in self.h]
+        x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
+        for w, kv in zip(cache.weights, cache.kv):
+            h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
+            qkv = F.linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
+            kv.narrow(3, t, 1).copy_(qkv.narrow(0, 1, 2))  # this step's keys and values
+            k, v = kv.narrow(3, 0, t + 1)
+            y = F.scaled_dot_product_attention(qkv[0], k, v).view(B, C)  # (B, H, 1, D) is (B, C) in memory
+            x = _add_linear(x, y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"))
+            h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
+            h = F.gelu(F.linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
+            x = _add_linear(x, h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"))
+        cache.length = t + 1
+        x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
+        return F.linear(x, self.lm_heads.weight).view(B, K, -1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the weight matrices and embeddings, not LayerNorm weights and biases
@@ -219,15 +252,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
     set whose probability reaches p. The special token has no logit, so it is never sampled."""
     if temperature == 0:
         return logits.argmax(-1)
-    # work on the top_k candidates only: softmax and noise over k values instead of all V
-    # (this runs once per generated step, so it matters: ~3x faster than masking all V logits)
-    top_k = min(top_k or logits.shape[-1], logits.shape[-1])
-    values, codes = torch.topk(logits.float(), top_k, dim=-1, sorted=bool(top_p))
-    probs = F.softmax(values / temperature, dim=-1)
+    V, codes = logits.shape[-1], None
+    scores = logits.float()
+    if (top_k and top_k < V) or top_p:
+        # work on the top_k candidates only: noise over k values instead of all V
+        # (this runs once per generated step, so it matters)
+        scores, codes = torch.topk(scores, min(top_k or V, V), dim=-1, sorted=bool(top_p))
+    scores = scores / temperature
     if top_p and top_p < 1.0:
-        # values are sorted: drop a code once the codes before it reach top_p (the first stays)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) = -log(U) draws from p
-    # exactly, and is faster than torch.multinomial on small batches
-    noise = torch.rand(probs.shape, device=probs.device, generator=generator).log_().neg_()
-    return codes.gather(-1, (probs / noise).argmax(-1, keepdim=True)).squeeze(-1)
+        # scores are sorted: drop a code once the codes before it reach top_p (the first stays)
+        probs = F.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    # Gumbel-max: argmax(scores - log E) with E ~ Exp(1) = -log(U) draws from softmax(scores)
+    # exactly, needs no softmax, and is faster than torch.multinomial on small batches
+    log_e = torch.rand(scores.shape, device=scores.device, generator=generator).log_().neg_().log_()
+    pick = (scores - log_e).max(-1, keepdim=True).indices   # max(): faster than argmax() on CPU
+    return (pick if codes is None else codes.gather(-1, pick)).squeeze(-1)
