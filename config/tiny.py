@@ -8,8 +8,8 @@ block_size = 300
 n_codebooks = 8
 
 batch_size = 8
-max_iters = 300
-lr_decay_iters = 300
+max_iters = 200
+lr_decay_iters = 200
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 20
