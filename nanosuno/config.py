@@ -90,6 +90,7 @@ class Config:
     # it from the start and re-read the rest; smaller = more context kept, more re-reading
     context_stride: float = 0.25
     sample_dir: typing.Optional[str] = None  # WAVs, spectrograms and index.html (default: out_dir/samples)
+    int8_decode: bool = False           # int8 weights for each generated step: ~1.5x faster on CPU, approximate
 
 
 def valid_keys():

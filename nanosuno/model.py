@@ -7,8 +7,10 @@ codebook. Token id `codebook_size` is the special "no code here" token: it can b
 warm-up, padding), it is never a target that counts, and it can never be sampled (the heads have
 no logit for it).
 
-Generation uses a KV cache: `prefill` runs the prompt once, then `decode_step` costs O(current
-length) per step. The same Block code serves training and both generation paths.
+Generation uses a KV cache: `prefill` runs the prompt once (the same Block code as training),
+then `decode_step` costs O(current length) per step. decode_step is forward() for one step
+written out flat, because at batch 1 on a CPU per-call overhead is a large part of a step; a
+test holds the two equal.
 """
 import inspect
 import math
@@ -35,9 +37,9 @@ class KVCache:
     """Keys and values of every layer for up to `max_len` steps, filled left to right.
     Pre-allocated once so that a decode step writes one column in place instead of
     concatenating (which would copy the whole cache each step). Per layer, keys and values
-    share one tensor (k/v, B, head, step, head_dim), so that writing a step is a single copy;
-    layers get separate tensors so that torch.compile updates them in place (with one tensor
-    for all layers it copies the whole cache every step)."""
+    share one tensor (k/v, B, head, step, head_dim), so that writing a step is a single copy.
+    (One tensor per layer rather than one for all: torch.compile then updates them in place
+    instead of copying the whole cache every step.)"""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         head_dim = config.n_embd // config.n_head
@@ -45,7 +47,7 @@ class KVCache:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0             # steps filled so far
-        self.weights = None         # the model's parameters in plain dicts, for GPT.decode_step
+        self.weights = None         # decode_step's view of the model's weights, made on first use
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,10 +111,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _add_linear(x, h, weight, bias):
-    """x + F.linear(h, weight, bias) with the residual add done by the matmul (one addmm)."""
-    y = torch.addmm(x, h, weight.t())
+def _linear(x, weight, bias=None, residual=None):
+    """residual + F.linear(x, weight, bias), for decode_step. weight is a tensor (the residual add
+    then rides along in the matmul: one addmm), or an (int8 weight, per-row scales) pair from
+    _int8, multiplied by the dequantizing kernel with bf16 activations."""
+    if isinstance(weight, tuple):
+        y = torch._weight_int8pack_mm(x.to(weight[1].dtype), *weight).to(x.dtype)
+        y = y if bias is None else y + bias
+        return y if residual is None else residual + y
+    if residual is None:
+        return F.linear(x, weight, bias)
+    y = torch.addmm(residual, x, weight.t())
     return y if bias is None else y + bias
+
+
+def _int8(weight):
+    """A weight matrix as int8 with one bf16 scale per output row (symmetric, absmax)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    return (w / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8), scales
 
 
 def codebook_losses(logits, targets, special):
@@ -194,6 +211,13 @@ class GPT(nn.Module):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
         return self(codes, cache=cache, last_only=True)[0][:, :, -1]
 
+    # decode_step with int8 copies of the weight matrices: a CPU decode step is bound by reading
+    # the weights, and int8 reads a quarter of fp32's bytes. On a 2-core CPU a bf16 model then
+    # decodes ~1.5x faster than fp32 (plain bf16 is slower than fp32 there: batch-1 bf16 matmuls
+    # are slow), with logits ~2.5x further from fp32's than the bf16 model's. Opt-in: set it
+    # before new_cache(). Prefill keeps the model's own weights.
+    int8_decode = False
+
     @torch.no_grad()
     def decode_step(self, codes, cache):
         """One step (B, K) -> logits (B, K, V) for the step after it.
@@ -206,21 +230,30 @@ class GPT(nn.Module):
         if t >= self.config.block_size:
             raise ValueError(f"sequence of {t + 1} steps exceeds block_size {self.config.block_size}")
         if cache.weights is None:   # plain dicts of the parameters, looked up once per cache
-            cache.weights = [dict(block.named_parameters()) for block in self.h]
+            cache.weights = self._decode_weights()
+        *layers, heads = cache.weights
         x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
-        for w, kv in zip(cache.weights, cache.kv):
+        for w, kv in zip(layers, cache.kv):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
-            qkv = F.linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
+            qkv = _linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
             kv.narrow(3, t, 1).copy_(qkv.narrow(0, 1, 2))  # this step's keys and values
             k, v = kv.narrow(3, 0, t + 1)
             y = F.scaled_dot_product_attention(qkv[0], k, v).view(B, C)  # (B, H, 1, D) is (B, C) in memory
-            x = _add_linear(x, y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"))
+            x = _linear(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
             h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
-            h = F.gelu(F.linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
-            x = _add_linear(x, h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"))
+            h = F.gelu(_linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
+            x = _linear(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
         cache.length = t + 1
         x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
-        return F.linear(x, self.lm_heads.weight).view(B, K, -1)
+        return _linear(x, heads["lm_heads.weight"]).view(B, K, -1)
+
+    def _decode_weights(self):
+        """decode_step's weights: a dict of parameters per block, then one for the heads; with
+        int8_decode, every weight matrix as an int8 copy (see _int8)."""
+        groups = [dict(block.named_parameters()) for block in self.h] + [{"lm_heads.weight": self.lm_heads.weight}]
+        if self.int8_decode:
+            groups = [{name: _int8(p) if p.dim() == 2 else p for name, p in g.items()} for g in groups]
+        return groups
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the weight matrices and embeddings, not LayerNorm weights and biases
@@ -252,13 +285,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
     set whose probability reaches p. The special token has no logit, so it is never sampled."""
     if temperature == 0:
         return logits.argmax(-1)
-    V, codes = logits.shape[-1], None
-    scores = logits.float()
+    V, scores, codes = logits.shape[-1], logits, None
     if (top_k and top_k < V) or top_p:
         # work on the top_k candidates only: noise over k values instead of all V
         # (this runs once per generated step, so it matters)
-        scores, codes = torch.topk(scores, min(top_k or V, V), dim=-1, sorted=bool(top_p))
-    scores = scores / temperature
+        scores, codes = torch.topk(logits, min(top_k or V, V), dim=-1, sorted=bool(top_p))
+    scores = scores.float() / temperature
     if top_p and top_p < 1.0:
         # scores are sorted: drop a code once the codes before it reach top_p (the first stays)
         probs = F.softmax(scores, dim=-1)
