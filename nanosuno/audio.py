@@ -105,7 +105,11 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0):
             if len(data) == 0:
                 ready = pending.numel() - context  # the end: the right context is silence
             if ready > 0:
-                resampled = torchaudio.functional.resample(pending[:context + ready + context], rate, sample_rate)
+                # always the same input length (zeros after the right context change no output we
+                # keep): every new length would cost memory for good, see codec._encode_batch
+                chunk = pending[:context + ready + context]
+                chunk = torch.nn.functional.pad(chunk, (0, 2 * context + block - len(chunk)))
+                resampled = torchaudio.functional.resample(chunk, rate, sample_rate)
                 first = context // step * step_out
                 yield resampled[first:first + math.ceil(ready * step_out / step)]
                 pending = pending[ready:]

@@ -25,6 +25,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from nanosuno.config import UserError
 
@@ -38,7 +39,8 @@ WINDOW_SECONDS = 10     # new audio per window: bounds memory (about 0.3 GB of a
 CONTEXT_SECONDS = 1     # audio before a window that warms up the causal model (10% extra compute;
                         # Encodec was trained on 1 s excerpts, so its state reaches back about that far)
 UNTRAINED_SEED = 1337
-UNTRAINED_VERSION = 1   # bump when the untrained initialisation changes: token caches depend on it
+CODES_VERSION = 2       # bump when the codes of given audio change (windows, padding, the untrained
+                        # weights): prepare's token cache is keyed by it
 
 
 class Codec:
@@ -57,9 +59,7 @@ class Codec:
         self.window = WINDOW_SECONDS * self.frame_rate            # in frames
         self.context = CONTEXT_SECONDS * self.frame_rate
         self.batch_size = 8 if self.device.type == "cuda" else 1  # windows per model call
-        # what the codes depend on: a token cache made under another key is stale
-        version = f"-v{UNTRAINED_VERSION}" if name == "untrained" else ""
-        self.cache_key = f"{name}{version}-{BANDWIDTH}kbps-{WINDOW_SECONDS}+{CONTEXT_SECONDS}s"
+        self.cache_key = f"{name}-{BANDWIDTH}kbps-v{CODES_VERSION}"  # a token cache under another key is stale
 
     def encode(self, waveform):
         """1-D float waveform at 24 kHz -> codes, int64 (n_codebooks, ceil(samples / 320))."""
@@ -102,10 +102,15 @@ class Codec:
         return torch.cat([c if first and i == 0 else c[:, skip:] for i, c in enumerate(pieces)], dim=1)
 
     def _encode_batch(self, windows):
-        """(B, samples) -> (B, K, frames) codes on the CPU."""
+        """(B, samples) -> (B, K, ceil(samples / 320)) codes on the CPU."""
+        frames = -(-windows.shape[-1] // self.hop_length)
+        # Pad to whole seconds: each new input length costs memory for good (the CPU backend keeps
+        # per-shape kernels: about 40 MB each), so lengths come from a small set. The model is
+        # causal: the padding changes no frame but the last, partial one.
+        windows = F.pad(windows, (0, -windows.shape[-1] % self.sample_rate))
         emb = self.model.encoder(windows[:, None].to(self.device))
         codes = self.model.quantizer.encode(emb, self.frame_rate, self.bandwidth)  # (K, B, frames)
-        return codes.transpose(0, 1).cpu()
+        return codes.transpose(0, 1)[:, :, :frames].cpu()
 
     @torch.inference_mode()
     def decode(self, codes):
@@ -133,10 +138,12 @@ class Codec:
 
     def _decode_batch(self, codes):
         """(B, K, frames) -> (B, frames * 320) float32 on the CPU."""
-        if codes.shape[-1] == 0:
+        frames = codes.shape[-1]
+        if frames == 0:
             return torch.zeros(codes.shape[0], 0)
+        codes = F.pad(codes, (0, -frames % self.frame_rate))  # whole seconds, as in _encode_batch
         emb = self.model.quantizer.decode(codes.transpose(0, 1).to(self.device))
-        return self.model.decoder(emb)[:, 0].float().cpu()
+        return self.model.decoder(emb)[:, 0, :frames * self.hop_length].float().cpu()
 
 
 def load_codec(name, codec_dir=None, device="cpu"):

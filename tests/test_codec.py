@@ -72,6 +72,19 @@ def test_encode_frame_count(codec, samples):
     assert 0 <= codes.min() and codes.max() < 1024
 
 
+def test_model_sees_few_input_lengths(codec):
+    # the CPU backend keeps memory per input shape: whole seconds only, so prepare's memory stays flat
+    lengths = set()
+    hook = codec.model.encoder.register_forward_pre_hook(lambda module, args: lengths.add(args[0].shape[-1]))
+    try:
+        for samples in (3100, 24001, 50000, 290000):
+            codes = codec.encode(0.1 * torch.randn(samples))
+            assert codes.shape == (8, -(-samples // 320))
+    finally:
+        hook.remove()
+    assert lengths == {24000, 48000, 72000, 264000}  # 264000: a full window, 10 s + 1 s of context
+
+
 def test_encode_empty(codec):
     assert codec.encode(torch.zeros(0)).shape == (8, 0)
 
