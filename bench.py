@@ -17,7 +17,9 @@ under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in prepare.py: set before torch is imported
+# No OMP_WAIT_POLICY here: generation's tiny ops need OpenMP's default busy-waiting threads (PASSIVE
+# makes a 2-thread decode step ~3x slower on a quiet machine). prepare's measurements run in fresh
+# processes and get PASSIVE as prepare.py itself sets it (see bench_prepare).
 
 import argparse
 import multiprocessing
@@ -56,6 +58,7 @@ def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=No
     import soundfile as sf
     from nanosuno.audio import find_audio_files
     from nanosuno.codec import pretrained_available
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # what prepare.py runs with; inherited by the measured processes
     if not os.path.isdir(corpus):
         sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
                  f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")

@@ -11,9 +11,6 @@ from the checkpoint; `seconds` is the length of the new music (the prompt comes 
 """
 import os
 
-# Generation is a chain of tiny ops: OpenMP threads that busy-wait between them (the default) make it
-# several times slower whenever another process wants the CPU. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import html
 import time
