@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 

@@ -90,7 +90,7 @@ class Codec:
     def _encode_windows(self, audio, first):
         """Codes of the new audio in `audio`: everything when it starts the waveform (`first`), else
         what follows its leading `context` samples."""
-        hop, context, window = self.hop_length, self.context * self.hop_length, self.window * self.hop_length
+        context, window = self.context * self.hop_length, self.window * self.hop_length
         starts = range(0, max(audio.numel() - context, 1), window)
         n_full = sum(start + context + window <= audio.numel() for start in starts)
         pieces = []
