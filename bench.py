@@ -15,14 +15,9 @@ reaches at least 80% of raw encode's audio-seconds per second; a 30-minute file 
 under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
     cd /tmp && apt-get download wesnoth-1.16-music && dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth
 """
-import os
-
-# No OMP_WAIT_POLICY here: generation's tiny ops need OpenMP's default busy-waiting threads (PASSIVE
-# makes a 2-thread decode step ~3x slower on a quiet machine). prepare's measurements run in fresh
-# processes and get PASSIVE as prepare.py itself sets it (see bench_prepare).
-
 import argparse
 import multiprocessing
+import os
 import resource
 import shutil
 import sys
@@ -58,7 +53,10 @@ def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=No
     import soundfile as sf
     from nanosuno.audio import find_audio_files
     from nanosuno.codec import pretrained_available
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # what prepare.py runs with; inherited by the measured processes
+    from nanosuno.common import passive_openmp
+    # OpenMP's waiting policy as prepare.py sets it, inherited by the measured processes; bench's other
+    # measurements keep the default (see nanosuno/common.py)
+    passive_openmp()
     if not os.path.isdir(corpus):
         sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
                  f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")

@@ -13,14 +13,13 @@ and the codec, so a re-run encodes only new or changed files and an interrupted 
 it stopped. A file that cannot be used is reported and skipped; the rest is still prepared. With
 the default input_dir and no audio in it, a synthetic demo corpus is written there first.
 """
-import os
+from nanosuno.common import passive_openmp
 
-# The loader thread shares the CPU with torch's OpenMP threads; busy-waiting OpenMP threads
-# (the default) then slow both down several-fold. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
 
 import hashlib
 import math
+import os
 import queue
 import threading
 import time
@@ -31,8 +30,9 @@ from tqdm import tqdm
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
 from nanosuno.codec import load_codec
-from nanosuno.config import Config, UserError, load_config, run_cli
-from nanosuno.data import META_VERSION, SPLITS, assign_splits, atomic_write, write_meta, write_split
+from nanosuno.common import UserError, atomic_write, run_cli
+from nanosuno.config import Config, load_config
+from nanosuno.data import META_VERSION, SPLITS, assign_splits, write_meta, write_split
 from nanosuno.hardware import pick_device
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from nanosuno.audio import load_audio, save_wav
 from nanosuno.checkpoint import check_codec, checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.codec import load_codec
-from nanosuno.config import UserError, load_config, run_cli
+from nanosuno.common import UserError, run_cli
+from nanosuno.config import load_config
 from nanosuno.generate import check_sampling, context_keep_steps, generate
 from nanosuno.hardware import pick_device, pick_dtype
 from nanosuno.plots import save_spectrogram

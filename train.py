@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanosuno.checkpoint import check_codec, load_checkpoint, save_checkpoint
-from nanosuno.config import UserError, load_config, run_cli
+from nanosuno.common import UserError, run_cli
+from nanosuno.config import load_config
 from nanosuno.data import Batches, read_meta
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, codebook_losses

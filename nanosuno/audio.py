@@ -17,8 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from nanosuno.config import UserError
-from nanosuno.data import atomic_write
+from nanosuno.common import UserError, atomic_write
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 

@@ -14,8 +14,7 @@ import os
 
 import torch
 
-from nanosuno.config import UserError
-from nanosuno.data import atomic_write
+from nanosuno.common import UserError, atomic_write
 from nanosuno.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"

@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 
 CODEC_NAMES = ("encodec_24khz", "untrained")
 WEIGHTS_FILE = "encodec_24khz-d7cc33bc.th"

@@ -18,21 +18,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one clear line, never a traceback."""
-
-
-def run_cli(main):
-    """Run a command's main(argv); a UserError ends it with one line on stderr and exit 2."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+from nanosuno.common import UserError
 
 
 @dataclass

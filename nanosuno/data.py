@@ -16,25 +16,12 @@ import os
 import numpy as np
 import torch
 
-from nanosuno.config import UserError
+from nanosuno.common import UserError, atomic_write
 from nanosuno.pattern import delay_interleave
 
 META_VERSION = 1
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: an interrupted run never leaves a truncated
-    file where a good one stood."""
-    path = str(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_meta(data_dir, meta):

@@ -22,7 +22,7 @@ prefilled again from position 0. Cost: one prefill per `stride` generated steps.
 """
 import torch
 
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 from nanosuno.model import sample_next
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 

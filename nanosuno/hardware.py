@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, by substring of the CUDA device name
 CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,

@@ -3,15 +3,15 @@ import json
 import os
 import sys
 
-# Set before torch is first imported: torch's OpenMP threads otherwise busy-wait, and on a machine
-# whose cores are shared (CI runners, a loader thread, parallel jobs) that slows tests several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's nanosuno, and the top-level scripts (prepare.py, ...) as modules
+
+from nanosuno.common import passive_openmp
+
+passive_openmp()  # before torch is imported: tests share their cores (see nanosuno/common.py)
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the top-level scripts (prepare.py, train.py, sample.py) import as modules
 
 
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,

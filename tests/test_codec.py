@@ -10,7 +10,7 @@ import torch
 
 from nanosuno import codec as codec_module
 from nanosuno.codec import WEIGHTS_FILE, load_codec, pretrained_available
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 from nanosuno.demo import synth_piece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,7 +3,8 @@ import os
 import pytest
 
 from conftest import ROOT
-from nanosuno.config import Config, UserError, load_config
+from nanosuno.common import UserError
+from nanosuno.config import Config, load_config
 
 
 def test_defaults_without_arguments():

@@ -16,7 +16,7 @@ import torchaudio
 from nanosuno import audio, demo
 from nanosuno.audio import AudioError, find_audio_files, iter_audio_blocks, load_audio, save_wav
 from nanosuno.codec import Codec
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)

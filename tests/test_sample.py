@@ -10,7 +10,7 @@ import sample
 from nanosuno.audio import save_wav
 from nanosuno.checkpoint import save_checkpoint
 from nanosuno.codec import load_codec
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 from nanosuno.generate import context_keep_steps, generate
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.pattern import delay_deinterleave, delay_interleave

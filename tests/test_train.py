@@ -8,7 +8,7 @@ import torch
 
 import train
 from conftest import ROOT, write_token_corpus
-from nanosuno.config import UserError
+from nanosuno.common import UserError
 
 # a model small enough that a CPU trains it in seconds
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
