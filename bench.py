@@ -267,7 +267,6 @@ def bench_train(compile_on_cpu=False, batch_size=None):
           f"({BASELINE_TRAIN_TOKENS_PER_S[0]}-{BASELINE_TRAIN_TOKENS_PER_S[1]} tokens/s)")
 
 
-
 # --- sample ----------------------------------------------------------------------------------------
 
 class StepClock:

@@ -9,10 +9,8 @@ Writes into sample_dir (default out_dir/samples): sample_000.wav, ... (24 kHz mo
 PNG per sample, and index.html to listen to them in a browser. The model's shape and codec come
 from the checkpoint; `seconds` is the length of the new music (the prompt comes on top of it).
 """
-import os
-
-
 import html
+import os
 import time
 
 import torch
@@ -144,6 +142,7 @@ def main(argv):
           f"{new_seconds / (t2 - t0):.1f}x real time")
     if warning:
         print(f"*** {warning} ***")
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,5 +1,6 @@
 """The codec wrapper: the untrained codec's determinism and code diversity, encode/decode shapes and
 windowing, and the message when the pretrained weights cannot be had. CPU, no network."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -8,12 +9,11 @@ import urllib.error
 import pytest
 import torch
 
+from conftest import ROOT
 from nanosuno import codec as codec_module
 from nanosuno.codec import WEIGHTS_FILE, load_codec, pretrained_available
 from nanosuno.common import UserError
 from nanosuno.demo import synth_piece
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,12 @@ def music(seconds, index=3):
     return torch.from_numpy(synth_piece(index, seconds))
 
 
-DIGEST = """
-import hashlib
 def state_digest(state):
+    """sha256 of a state_dict's names and bytes."""
     sha = hashlib.sha256()
     for key in sorted(state):
         sha.update(key.encode() + state[key].contiguous().numpy().tobytes())
     return sha.hexdigest()
-"""
-exec(DIGEST)
 
 
 def test_untrained_attributes_and_warning(capsys):
@@ -45,8 +42,9 @@ def test_untrained_attributes_and_warning(capsys):
 
 def test_untrained_is_deterministic_across_processes(codec):
     # a fresh process builds the weights from scratch: they must match this process's bit for bit
-    script = DIGEST + "from nanosuno.codec import _untrained_state; print(state_digest(_untrained_state()))"
-    other = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    script = ("import sys; sys.path.insert(0, 'tests'); from test_codec import state_digest; "
+              "from nanosuno.codec import _untrained_state; print(state_digest(_untrained_state()))")
+    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == state_digest(codec.model.state_dict())
 
 
@@ -174,7 +172,7 @@ def test_missing_weights_cli_is_one_line(tmp_path):
     save_wav(tmp_path / "wavs" / "a.wav", music(1.0), 24000)
     result = subprocess.run([sys.executable, "prepare.py", f"--input_dir={tmp_path / 'wavs'}",
                              f"--data_dir={tmp_path / 'tokens'}", f"--codec_dir={tmp_path}"],
-                            cwd=REPO, env=env, capture_output=True, text=True)
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and WEIGHTS_FILE in result.stderr

@@ -20,8 +20,7 @@ from nanosuno.common import UserError
 from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def music(seconds, rate, channels=1, index=0):
@@ -221,7 +220,7 @@ def test_the_default_folder_gets_the_demo_corpus(tmp_path, capsys, monkeypatch):
 
 def test_cli_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "prepare.py", f"--input_dir={tmp_path / 'missing'}"],
-                            cwd=REPO, capture_output=True, text=True)
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: input_dir {tmp_path / 'missing'} does not exist or is not a folder"
 
