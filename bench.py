@@ -321,12 +321,13 @@ def bench_sample(repeats=3):
     import copy
     import torch
     from nanosuno.codec import load_codec
-    from nanosuno.model import GPT, GPTConfig, sample_next
+    from nanosuno.generate import sample_next
+    from nanosuno.model import GPT, GPTConfig
     short, full, threads = 750, 2048, torch.get_num_threads()
     torch.manual_seed(0)
     fp32 = GPT(GPTConfig(block_size=full, n_codebooks=8, codebook_size=1024, n_layer=6, n_head=8, n_embd=256)).eval()
-    int8 = copy.deepcopy(fp32).to(torch.bfloat16)
-    int8.int8_decode = True  # sample.py --int8_decode=True: bf16 model, int8 weights in decode steps
+    # sample.py --int8_decode=True: bf16 model, int8 weights in decode steps (made after the cast)
+    int8 = copy.deepcopy(fp32).to(torch.bfloat16).prepare_decode(int8=True)
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16), "int8": int8}
     logits = torch.randn(1, 8, 1024)
 

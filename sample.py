@@ -101,7 +101,8 @@ def main(argv):
     # bfloat16 (bench.py sample), so "auto" means float32 there and bfloat16 on a GPU
     dtype = torch.float32 if cfg.dtype == "auto" and not device.startswith("cuda") else pick_dtype(cfg.dtype, device)
     model = model_from_checkpoint(ckpt, device).to(dtype).eval()
-    model.int8_decode = cfg.int8_decode  # opt-in: decode steps read int8 copies of the weights
+    # after .to(): int8 copies are snapshots of the weights (opt-in: faster on a CPU, approximate)
+    model.prepare_decode(int8=cfg.int8_decode)
     K, block_size = model.config.n_codebooks, model.config.block_size
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seconds, cfg.num_samples)
     keep = context_keep_steps(block_size, cfg.context_stride, K)

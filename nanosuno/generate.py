@@ -21,9 +21,9 @@ the kept frames were a fresh prompt, i.e. a training window starting there) and 
 prefilled again from position 0. Cost: one prefill per `stride` generated steps.
 """
 import torch
+import torch.nn.functional as F
 
 from nanosuno.common import UserError
-from nanosuno.model import sample_next
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
@@ -39,6 +39,30 @@ def check_sampling(codebook_size, temperature, top_k, top_p, seconds=None, num_s
         raise UserError(f"top_k must be between 1 and the codebook size {codebook_size}, got {top_k}")
     if not 0 <= top_p <= 1:
         raise UserError(f"top_p must be between 0 and 1 (0 = off), got {top_p}")
+
+
+@torch.no_grad()
+def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
+    """Pick one code per head: logits (B, K, V) -> codes (B, K).
+    temperature 0 = greedy; top_k keeps the k most likely codes; top_p (0 = off) keeps the smallest
+    set whose probability reaches p. The special token has no logit, so it is never sampled."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    V, scores, codes = logits.shape[-1], logits, None
+    if (top_k and top_k < V) or top_p:
+        # work on the top_k candidates only: noise over k values instead of all V
+        # (this runs once per generated step, so it matters)
+        scores, codes = torch.topk(logits, min(top_k or V, V), dim=-1, sorted=bool(top_p))
+    scores = scores.float() / temperature
+    if top_p and top_p < 1.0:
+        # scores are sorted: drop a code once the codes before it reach top_p (the first stays)
+        probs = F.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    # Gumbel-max: argmax(scores - log E) with E ~ Exp(1) = -log(U) draws from softmax(scores)
+    # exactly, needs no softmax, and is faster than torch.multinomial on small batches
+    log_e = torch.rand(scores.shape, device=scores.device, generator=generator).log_().neg_().log_()
+    pick = (scores - log_e).max(-1, keepdim=True).indices   # max(): faster than argmax() on CPU
+    return (pick if codes is None else codes.gather(-1, pick)).squeeze(-1)
 
 
 def context_keep_steps(block_size, context_stride, n_codebooks):
@@ -97,7 +121,7 @@ def generate(model, frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, 
         logits = model.prefill(window(P - first, P), cache)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
         logits = model.prefill(torch.full((num_samples, K, 1), special, dtype=torch.long, device=device), cache)
-        cache.length = 0
+        cache.reset()
 
     for s in range(P, steps):
         codes = sample_next(logits, temperature, top_k, top_p, generator)  # (B, K) for step s
@@ -111,7 +135,7 @@ def generate(model, frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, 
         if cache.length < cache.max_len:
             logits = model.decode_step(codes, cache)
         else:   # context full: slide the window, re-read the most recent `keep` steps
-            cache.length = 0
+            cache.reset()
             logits = model.prefill(window(s + 1 - keep, s + 1), cache)
 
     return delay_deinterleave(delayed)

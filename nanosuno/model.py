@@ -47,7 +47,14 @@ class KVCache:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0             # steps filled so far
-        self.weights = None         # decode_step's view of the model's weights, made on first use
+
+    def advance(self, steps):
+        """Count `steps` more steps as filled (the model has just written their keys and values)."""
+        self.length += steps
+
+    def reset(self):
+        """Empty the cache (nothing is erased: the next steps overwrite the old ones)."""
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -162,6 +169,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.decode_weights = None  # decode_step's view of the weights, see prepare_decode
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -190,7 +198,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         x = self.ln_f(x)
@@ -211,12 +219,23 @@ class GPT(nn.Module):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
         return self(codes, cache=cache, last_only=True)[0][:, :, -1]
 
-    # decode_step with int8 copies of the weight matrices: a CPU decode step is bound by reading
-    # the weights, and int8 reads a quarter of fp32's bytes. On a 2-core CPU a bf16 model then
-    # decodes ~1.5x faster than fp32 (plain bf16 is slower than fp32 there: batch-1 bf16 matmuls
-    # are slow), with logits ~2.5x further from fp32's than the bf16 model's. Opt-in: set it
-    # before new_cache(). Prefill keeps the model's own weights.
-    int8_decode = False
+    def prepare_decode(self, int8=False):
+        """Build decode_step's view of the weights: a plain dict of the parameters per block, then
+        one for the heads, so that a step does not look them up through nn.Module attributes.
+
+        int8=True stores int8 copies of the weight matrices instead (see _int8): a CPU decode step
+        is bound by reading the weights, and int8 reads a quarter of fp32's bytes. On a 2-core CPU a
+        bf16 model then decodes ~1.5x faster than fp32 (plain bf16 is slower than fp32 there:
+        batch-1 bf16 matmuls are slow), with logits ~2.5x further from fp32's than the bf16 model's.
+        Prefill keeps the model's own weights.
+
+        The int8 copies are snapshots: call this after moving, casting or loading the model.
+        Without a call, decode_step builds the plain view on first use."""
+        groups = [dict(block.named_parameters()) for block in self.h] + [{"lm_heads.weight": self.lm_heads.weight}]
+        if int8:
+            groups = [{name: _int8(p) if p.dim() == 2 else p for name, p in g.items()} for g in groups]
+        self.decode_weights = groups
+        return self
 
     @torch.no_grad()
     def decode_step(self, codes, cache):
@@ -229,9 +248,9 @@ class GPT(nn.Module):
         C, H, t = self.config.n_embd, self.config.n_head, cache.length
         if t >= self.config.block_size:
             raise ValueError(f"sequence of {t + 1} steps exceeds block_size {self.config.block_size}")
-        if cache.weights is None:   # plain dicts of the parameters, looked up once per cache
-            cache.weights = self._decode_weights()
-        *layers, heads = cache.weights
+        if self.decode_weights is None:
+            self.prepare_decode()
+        *layers, heads = self.decode_weights
         x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
         for w, kv in zip(layers, cache.kv):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
@@ -243,17 +262,9 @@ class GPT(nn.Module):
             h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
             h = F.gelu(_linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
             x = _linear(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
-        cache.length = t + 1
+        cache.advance(1)
         x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
         return _linear(x, heads["lm_heads.weight"]).view(B, K, -1)
-
-    def _decode_weights(self):
-        """decode_step's weights: a dict of parameters per block, then one for the heads; with
-        int8_decode, every weight matrix as an int8 copy (see _int8)."""
-        groups = [dict(block.named_parameters()) for block in self.h] + [{"lm_heads.weight": self.lm_heads.weight}]
-        if self.int8_decode:
-            groups = [{name: _int8(p) if p.dim() == 2 else p for name, p in g.items()} for g in groups]
-        return groups
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the weight matrices and embeddings, not LayerNorm weights and biases
@@ -277,26 +288,3 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
         return self.flops_per_step(T) * steps_per_second / peak_flops
 
-
-@torch.no_grad()
-def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
-    """Pick one code per head: logits (B, K, V) -> codes (B, K).
-    temperature 0 = greedy; top_k keeps the k most likely codes; top_p (0 = off) keeps the smallest
-    set whose probability reaches p. The special token has no logit, so it is never sampled."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    V, scores, codes = logits.shape[-1], logits, None
-    if (top_k and top_k < V) or top_p:
-        # work on the top_k candidates only: noise over k values instead of all V
-        # (this runs once per generated step, so it matters)
-        scores, codes = torch.topk(logits, min(top_k or V, V), dim=-1, sorted=bool(top_p))
-    scores = scores.float() / temperature
-    if top_p and top_p < 1.0:
-        # scores are sorted: drop a code once the codes before it reach top_p (the first stays)
-        probs = F.softmax(scores, dim=-1)
-        scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    # Gumbel-max: argmax(scores - log E) with E ~ Exp(1) = -log(U) draws from softmax(scores)
-    # exactly, needs no softmax, and is faster than torch.multinomial on small batches
-    log_e = torch.rand(scores.shape, device=scores.device, generator=generator).log_().neg_().log_()
-    pick = (scores - log_e).max(-1, keepdim=True).indices   # max(): faster than argmax() on CPU
-    return (pick if codes is None else codes.gather(-1, pick)).squeeze(-1)

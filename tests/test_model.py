@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanosuno.model import GPT, GPTConfig, codebook_losses, sample_next
+from nanosuno.model import GPT, GPTConfig, codebook_losses
 
 
 def tiny(K=8, block_size=64, dropout=0.0):
@@ -123,34 +123,12 @@ def test_mfu_uses_nanogpt_flop_formula():
     assert model.estimate_mfu(steps_per_second=1000, peak_flops=flops * 2000) == pytest.approx(0.5)
 
 
-def test_sampling_greedy_top_k_top_p():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.tensor([0.0, 1.0, 3.0, 2.0]).repeat(2000, 3, 1)        # (B=2000, K=3, V=4)
-    assert torch.equal(sample_next(logits, temperature=0), torch.full((2000, 3), 2))
-    assert set(sample_next(logits, 1.0, top_k=2, generator=g).unique().tolist()) == {2, 3}  # 2 most likely
-    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).unique().tolist()) == {2}   # p(2) = 0.64
-    assert set(sample_next(logits, 1.0, top_p=0.8, generator=g).unique().tolist()) == {2, 3}  # 0.64 + 0.24
-    draws = sample_next(logits, 1.0, generator=g)
-    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
-    assert torch.allclose(freq, torch.softmax(logits[0, 0], -1), atol=0.03)  # samples follow softmax
-    cold = sample_next(logits, 0.25, generator=g)                            # low temperature sharpens
-    assert (cold == 2).float().mean() > 0.95
-
-
-def test_sampling_is_reproducible_with_a_seed():
-    logits = torch.randn(4, 8, 64)
-    a = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(5))
-    b = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(5))
-    c = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
 def test_int8_decode_stays_close_to_the_full_forward():
     """The opt-in int8 weights for decode_step: an approximation, but a close one."""
     model = tiny(K=8)
     codes = torch.randint(0, 65, (1, 8, 24))
     full, _ = model(codes)
-    model.int8_decode = True
+    model.prepare_decode(int8=True)
     cache = model.new_cache(1)
     steps = [model.prefill(codes[:, :, :8], cache)]
     steps += [model.decode_step(codes[:, :, t], cache) for t in range(8, 23)]

@@ -1,5 +1,5 @@
-"""Generation (nanosuno/generate.py) and sample.py: delay pattern, KV cache, sliding window, prompts,
-outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
+"""Generation (nanosuno/generate.py) and sample.py: the sampler, delay pattern, KV cache, sliding window,
+prompts, outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
 import os
 
 import pytest
@@ -11,7 +11,7 @@ from nanosuno.audio import save_wav
 from nanosuno.checkpoint import save_checkpoint
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
-from nanosuno.generate import context_keep_steps, generate
+from nanosuno.generate import context_keep_steps, generate, sample_next
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
@@ -71,6 +71,28 @@ def reference_greedy(model, frames, prompt=None, context_stride=0.25):
                 codes[:, k] = delayed[:, k, s]
         delayed[:, :, s] = codes
     return delay_deinterleave(delayed)
+
+
+def test_sampling_greedy_top_k_top_p():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 3.0, 2.0]).repeat(2000, 3, 1)        # (B=2000, K=3, V=4)
+    assert torch.equal(sample_next(logits, temperature=0), torch.full((2000, 3), 2))
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).unique().tolist()) == {2, 3}  # 2 most likely
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).unique().tolist()) == {2}   # p(2) = 0.64
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=g).unique().tolist()) == {2, 3}  # 0.64 + 0.24
+    draws = sample_next(logits, 1.0, generator=g)
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, torch.softmax(logits[0, 0], -1), atol=0.03)  # samples follow softmax
+    cold = sample_next(logits, 0.25, generator=g)                            # low temperature sharpens
+    assert (cold == 2).float().mean() > 0.95
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    logits = torch.randn(4, 8, 64)
+    a = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(5))
+    b = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(5))
+    c = sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("K,block_size,frames,prompt_frames", [
