@@ -21,17 +21,18 @@ from nanosuno.checkpoint import check_codec, checkpoint_path, load_checkpoint, m
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, run_cli
 from nanosuno.config import load_config
-from nanosuno.generate import check_sampling, context_keep_steps, generate
+from nanosuno.generate import check_sampling, generate, prompt_frames_used
 from nanosuno.hardware import pick_device, pick_dtype
 from nanosuno.plots import save_spectrogram
 
 
 class StepsBar(tqdm):
-    """tqdm over model steps that also shows the x real-time factor (audio seconds made per second)."""
+    """tqdm over model steps that also shows the x real-time factor (audio seconds made per second).
+    generate() sets its total."""
 
-    def __init__(self, total, audio_seconds_per_step):
+    def __init__(self, audio_seconds_per_step):
         self.audio_seconds_per_step = audio_seconds_per_step
-        super().__init__(total=total, unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps "
+        super().__init__(unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps "
                          "[{elapsed}<{remaining}, {rate_fmt}, {realtime:.1f}x real time]")
 
     @property
@@ -42,9 +43,9 @@ class StepsBar(tqdm):
         return d
 
 
-def load_prompt(cfg, codec, n_codebooks, keep):
-    """The prompt WAV as codes (K, frames) with the checkpoint's codec, cut to the last `keep` frames
-    when the context cannot hold it; and a note on what was used."""
+def load_prompt(cfg, codec, model):
+    """The prompt WAV as codes (K, frames) with the checkpoint's codec, and a note on what generate()
+    will use of it."""
     try:
         waveform = load_audio(cfg.prompt, sample_rate=codec.sample_rate)
     except UserError:
@@ -53,12 +54,12 @@ def load_prompt(cfg, codec, n_codebooks, keep):
         raise UserError(f"cannot read prompt {cfg.prompt} ({type(e).__name__}: {e}); give a WAV, FLAC, OGG or MP3 file")
     if waveform.numel() < codec.sample_rate / codec.frame_rate:
         raise UserError(f"prompt {cfg.prompt} is shorter than one codec frame; give at least a fraction of a second")
-    prompt = codec.encode(waveform)[:n_codebooks]
+    prompt = codec.encode(waveform)[:model.config.n_codebooks]
     note = f"{cfg.prompt} ({prompt.shape[1] / codec.frame_rate:.1f} s)"
-    if prompt.shape[1] > keep:  # the model only ever looks back one context
-        prompt = prompt[:, -keep:]
-        note += f", last {keep / codec.frame_rate:.1f} s used"
-        print(f"prompt {cfg.prompt} is longer than the model's context: continuing its last {keep / codec.frame_rate:.1f} s")
+    used = prompt_frames_used(model, prompt.shape[1], cfg.context_stride)
+    if used < prompt.shape[1]:
+        note += f", last {used / codec.frame_rate:.1f} s used"
+        print(f"prompt {cfg.prompt} is longer than the model's context: continuing its last {used / codec.frame_rate:.1f} s")
     return prompt, note
 
 
@@ -104,8 +105,9 @@ def main(argv):
     # after .to(): int8 copies are snapshots of the weights (opt-in: faster on a CPU, approximate)
     model.prepare_decode(int8=cfg.int8_decode)
     K, block_size = model.config.n_codebooks, model.config.block_size
-    check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seconds, cfg.num_samples)
-    keep = context_keep_steps(block_size, cfg.context_stride, K)
+    # generate() checks these too; here they fail before the codec loads and anything is written
+    check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                   cfg.context_stride, cfg.seconds)
     codec = load_codec(codec_info["name"], cfg.codec_dir, device)
     check_codec(codec_info, {"name": codec.name, "bandwidth": codec.bandwidth, "codebook_size": codec.codebook_size},
                 "this codec")
@@ -114,18 +116,16 @@ def main(argv):
         warning = "codec 'untrained' (random weights): the audio quality of these samples is MEANINGLESS"
         print(f"*** {warning} ***")
 
-    prompt, prompt_note = load_prompt(cfg, codec, K, keep) if cfg.prompt else (None, "none")
-    prompt_frames = 0 if prompt is None else prompt.shape[1]
+    prompt, prompt_note = load_prompt(cfg, codec, model) if cfg.prompt else (None, "none")
     new_frames = max(1, round(cfg.seconds * codec.frame_rate))
-    steps = new_frames + K - 1   # the drain: K - 1 steps after the last frame of stream 0
 
     t0 = time.perf_counter()
-    with StepsBar(steps, cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
-        codes = generate(model, prompt_frames + new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
+    with StepsBar(cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
+        codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
                          cfg.num_samples, cfg.seed, cfg.context_stride, progress=bar)
-    t1 = time.perf_counter()
+    steps, t1 = bar.total, time.perf_counter()
     sample_dir = cfg.sample_dir or os.path.join(cfg.out_dir, "samples")
-    codes = codes if cfg.keep_prompt else codes[:, :, prompt_frames:]
+    codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
     names = write_samples(sample_dir, codes, codec, cfg.seed)
     t2 = time.perf_counter()
     settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",

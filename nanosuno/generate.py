@@ -9,7 +9,9 @@ so F frames take F + K - 1 steps:
   drain    after stream 0's last frame, K - 1 more steps finish the other streams. Stream 0 keeps
            being sampled there (those codes are thrown away) so that the model keeps seeing
            mid-piece inputs like the ones it was trained on.
-A prompt's frames are forced, not sampled, at the steps where they fall in the delayed layout.
+A prompt's frames are forced, not sampled, at the steps where they fall in the delayed layout. The
+model only ever looks back one context, so a longer prompt is cut to its last frames: as many as a
+slide of the window keeps (prompt_frames_used).
 
 From scratch there is nothing to condition frame 0 on: the model is fed one "start" step of
 all-special tokens, its guess for stream 0 becomes frame 0, and the start step is then forgotten
@@ -27,8 +29,9 @@ from nanosuno.common import UserError
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
-def check_sampling(codebook_size, temperature, top_k, top_p, seconds=None, num_samples=1):
-    """Refuse settings that cannot sample, with the setting's name in one line."""
+def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, seconds=None):
+    """Refuse settings that cannot sample, with the setting's name in one line. generate() checks its
+    arguments with this; sample.py calls it before it loads the codec or writes anything."""
     if seconds is not None and not seconds > 0:
         raise UserError(f"seconds must be > 0, got {seconds}")
     if num_samples < 1:
@@ -39,6 +42,8 @@ def check_sampling(codebook_size, temperature, top_k, top_p, seconds=None, num_s
         raise UserError(f"top_k must be between 1 and the codebook size {codebook_size}, got {top_k}")
     if not 0 <= top_p <= 1:
         raise UserError(f"top_p must be between 0 and 1 (0 = off), got {top_p}")
+    if not 0 < context_stride <= 1:
+        raise UserError(f"context_stride must be in (0, 1] (a fraction of block_size), got {context_stride}")
 
 
 @torch.no_grad()
@@ -69,42 +74,50 @@ def context_keep_steps(block_size, context_stride, n_codebooks):
     """Steps kept when the window slides: block_size minus the stride (a fraction of block_size).
     At least K - 1 are kept, so that the re-applied warm-up triangle lies inside the re-read steps
     (steps decoded after a slide then need no masking), and at least one step is gained per slide."""
-    if not 0 < context_stride <= 1:
-        raise UserError(f"context_stride must be in (0, 1] (a fraction of block_size), got {context_stride}")
     stride = max(1, round(context_stride * block_size))
     return min(block_size - 1, max(n_codebooks - 1, block_size - stride, 1))
 
 
-@torch.inference_mode()
-def generate(model, frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
-             seed=1337, context_stride=0.25, progress=None):
-    """Sample `num_samples` pieces of `frames` frames in one batch.
+def prompt_frames_used(model, prompt_frames, context_stride=0.25):
+    """How many of a prompt's frames generate() continues: all, or the last ones that a slide of the
+    window would keep (the model only ever looks back one context, and needs room to generate in)."""
+    cfg = model.config
+    return min(prompt_frames, context_keep_steps(cfg.block_size, context_stride, cfg.n_codebooks))
 
-    prompt       optional un-delayed codes (K, P), P < frames: they are the first P frames of every
-                 piece (forced, not sampled); `frames` counts them.
+
+@torch.inference_mode()
+def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
+             seed=1337, context_stride=0.25, progress=None):
+    """Sample `num_samples` pieces of `new_frames` new frames in one batch.
+
+    prompt       optional un-delayed codes (K, frames) to continue, of any length: its last
+                 prompt_frames_used() frames come first in every piece (forced, not sampled).
     temperature  0 = greedy; top_k in 1..codebook_size; top_p in [0, 1], 0 = off.
     seed         same seed, same settings -> same codes (a private torch.Generator).
     context_stride  fraction of block_size dropped each time the window slides (see module doc).
-    progress     optional tqdm-like object: .update(1) per model step.
-    Returns un-delayed codes (num_samples, K, frames), prompt included, never the special token.
+    progress     optional tqdm-like object: .update(1) per model step; a tqdm bar is told the total.
+    Returns un-delayed codes (num_samples, K, prompt frames used + new_frames), never the special token.
     """
     cfg = model.config
     K, special, device = cfg.n_codebooks, cfg.codebook_size, model.lm_heads.weight.device
-    check_sampling(special, temperature, top_k, top_p, num_samples=num_samples)
-    P = 0 if prompt is None else prompt.shape[-1]
+    check_sampling(special, temperature, top_k, top_p, num_samples, context_stride)
+    if new_frames < 1:
+        raise ValueError(f"new_frames must be at least 1, got {new_frames}")
     if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
         raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
-    if not P < frames:
-        raise ValueError(f"frames ({frames}) must exceed the prompt's {P} frames")
+    P = 0 if prompt is None else prompt_frames_used(model, prompt.shape[1], context_stride)
     keep = context_keep_steps(cfg.block_size, context_stride, K)
-    steps = frames + K - 1
+    steps = P + new_frames + K - 1
     generator = torch.Generator(device=device).manual_seed(seed)
+    if hasattr(progress, "total"):  # a tqdm bar: show how many model steps are coming
+        progress.total = steps - P
+        progress.refresh()
 
     # the whole delayed sequence, preallocated. Prompt frames and the warm-up triangle are written
     # now and forced below: at step s stream k is forced while s - k < P (s < k is warm-up: special)
     delayed = torch.full((num_samples, K, steps), special, dtype=torch.long, device=device)
     if P:
-        delayed[:, :, :P + K - 1] = delay_interleave(prompt.to(device), special)
+        delayed[:, :, :P + K - 1] = delay_interleave(prompt[:, -P:].to(device), special)
     forced_until = P + K - 1        # from this step on nothing is forced
     forced = torch.arange(forced_until, device=device) < (torch.arange(K, device=device) + P).view(K, 1)
 
@@ -116,9 +129,8 @@ def generate(model, frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, 
         return codes
 
     cache = model.new_cache(num_samples)
-    if P:   # prefill the prompt steps (or their last `keep` if the prompt outgrows the context)
-        first = P if P <= cfg.block_size else keep
-        logits = model.prefill(window(P - first, P), cache)
+    if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
+        logits = model.prefill(window(0, P), cache)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
         logits = model.prefill(torch.full((num_samples, K, 1), special, dtype=torch.long, device=device), cache)
         cache.reset()

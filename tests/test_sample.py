@@ -11,7 +11,7 @@ from nanosuno.audio import save_wav
 from nanosuno.checkpoint import save_checkpoint
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
-from nanosuno.generate import context_keep_steps, generate, sample_next
+from nanosuno.generate import context_keep_steps, generate, prompt_frames_used, sample_next
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
@@ -102,23 +102,40 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_cached_greedy_equals_full_recompute(K, block_size, frames, prompt_frames):
     model = tiny_model(K, block_size).double()  # float64: no argmax flips from rounding
     prompt = torch.randint(0, V, (K, prompt_frames)) if prompt_frames else None
-    fast = generate(model, frames, prompt, temperature=0, context_stride=0.25)
+    fast = generate(model, frames - prompt_frames, prompt, temperature=0, context_stride=0.25)
     slow = reference_greedy(model, frames, prompt, context_stride=0.25)
-    assert fast.shape == (1, K, frames)
+    # generate() continues only the prompt's last frames that fit the context: the same codes
+    used = prompt_frames_used(model, prompt_frames, context_stride=0.25)
+    slow = slow[:, :, prompt_frames - used:]
+    assert fast.shape == (1, K, used + frames - prompt_frames)
     assert torch.equal(fast, slow)
 
 
 def test_seed_reproducible_and_prompt_is_prefix():
     model = tiny_model(K=4)
     prompt = torch.randint(0, V, (4, 10))
-    a = generate(model, 40, prompt, top_k=50, num_samples=3, seed=1)
-    b = generate(model, 40, prompt, top_k=50, num_samples=3, seed=1)
-    c = generate(model, 40, prompt, top_k=50, num_samples=3, seed=2)
+    a = generate(model, 30, prompt, top_k=50, num_samples=3, seed=1)
+    b = generate(model, 30, prompt, top_k=50, num_samples=3, seed=1)
+    c = generate(model, 30, prompt, top_k=50, num_samples=3, seed=2)
     assert a.shape == (3, 4, 40)
     assert torch.equal(a, b)
     assert not torch.equal(a[:, :, 10:], c[:, :, 10:])
     assert not torch.equal(a[0], a[1])               # the samples of a batch differ
     assert torch.equal(a[:, :, :10], prompt.expand(3, -1, -1))
+
+
+def test_progress_is_told_the_step_count():
+    class Bar:  # what generate() uses of a tqdm bar
+        total, n = None, 0
+
+        def refresh(self):
+            pass
+
+        def update(self, steps):
+            self.n += steps
+    bar = Bar()
+    generate(tiny_model(K=4), 20, torch.randint(0, V, (4, 5)), progress=bar)
+    assert bar.total == bar.n == 20 + 3     # the new frames and the drain's K - 1 steps
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=5.0, top_k=V), dict(temperature=1.0, top_k=5, top_p=0.5),
@@ -127,7 +144,7 @@ def test_special_token_never_in_output(settings):
     # from scratch, past the context (block 16), with a prompt: all paths that force the special token
     model = tiny_model(K=8, block_size=16)
     for prompt in (None, torch.randint(0, V, (8, 5))):
-        codes = generate(model, 100, prompt, num_samples=2, **settings)
+        codes = generate(model, 100 - (0 if prompt is None else prompt.shape[1]), prompt, num_samples=2, **settings)
         assert codes.shape == (2, 8, 100)
         assert codes.min() >= 0 and codes.max() < V
 
