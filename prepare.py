@@ -32,7 +32,7 @@ from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_aud
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write, run_cli
 from nanosuno.config import Config, load_config
-from nanosuno.data import META_VERSION, SPLITS, assign_splits, write_meta, write_split
+from nanosuno.data import SPLITS, assign_splits, new_meta, write_meta, write_split
 from nanosuno.hardware import pick_device
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent
@@ -173,10 +173,7 @@ def save_codes(path, codes):
 def write_tokens(data_dir, kept, names, split_of, cache, codec):
     """Write train.bin, val.bin, then meta.json; returns the meta. The old meta.json goes first, so
     an interrupted run leaves no meta.json rather than one that describes other token files."""
-    meta = {"format_version": META_VERSION, "codec": codec.name, "sample_rate": codec.sample_rate,
-            "frame_rate": codec.frame_rate, "bandwidth": codec.bandwidth,
-            "n_codebooks": codec.n_codebooks, "codebook_size": codec.codebook_size,
-            "dtype": "uint16", "splits": {}}
+    meta = new_meta(codec.info())
     if os.path.exists(os.path.join(data_dir, "meta.json")):
         os.remove(os.path.join(data_dir, "meta.json"))
     for split in SPLITS:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from nanosuno.audio import load_audio, save_wav
-from nanosuno.checkpoint import check_codec, checkpoint_path, load_checkpoint, model_from_checkpoint
+from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, run_cli
 from nanosuno.config import load_config
@@ -94,10 +94,7 @@ def main(argv):
     cfg = load_config(argv)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.out_dir, device)
-    codec_info = ckpt["codec"]
-    if cfg.codec is not None and cfg.codec != codec_info["name"]:
-        raise UserError(f"codec mismatch: {checkpoint_path(cfg.out_dir)} was trained on {codec_info['name']} tokens "
-                        f"but codec={cfg.codec} was given; leave codec unset to use the checkpoint's")
+    check_codec_setting(cfg.codec, ckpt["codec"]["name"], f"{checkpoint_path(cfg.out_dir)} was trained on")
     # one step at batch 1 is a chain of tiny matmuls: on a CPU those are faster in float32 than in
     # bfloat16 (bench.py sample), so "auto" means float32 there and bfloat16 on a GPU
     dtype = torch.float32 if cfg.dtype == "auto" and not device.startswith("cuda") else pick_dtype(cfg.dtype, device)
@@ -108,9 +105,8 @@ def main(argv):
     # generate() checks these too; here they fail before the codec loads and anything is written
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
                    cfg.context_stride, cfg.seconds)
-    codec = load_codec(codec_info["name"], cfg.codec_dir, device)
-    check_codec(codec_info, {"name": codec.name, "bandwidth": codec.bandwidth, "codebook_size": codec.codebook_size},
-                "this codec")
+    codec = load_codec(ckpt["codec"]["name"], cfg.codec_dir, device)
+    check_codec(ckpt["codec"], codec.info(K), "this codec")
     warning = ""
     if codec.name == "untrained":
         warning = "codec 'untrained' (random weights): the audio quality of these samples is MEANINGLESS"

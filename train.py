@@ -19,10 +19,10 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanosuno.checkpoint import check_codec, load_checkpoint, save_checkpoint
+from nanosuno.checkpoint import check_codec, check_codec_setting, load_checkpoint, save_checkpoint
 from nanosuno.common import UserError, run_cli
 from nanosuno.config import load_config
-from nanosuno.data import Batches, read_meta
+from nanosuno.data import Batches, codec_info, read_meta
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.plots import save_loss_plot
@@ -95,10 +95,8 @@ def main(argv):
     if cfg.n_codebooks > meta["n_codebooks"]:
         raise UserError(f"n_codebooks={cfg.n_codebooks} but {cfg.data_dir} holds {meta['n_codebooks']}: "
                         f"use --n_codebooks={meta['n_codebooks']} or fewer")
-    codec = {k: meta[k] for k in ("sample_rate", "frame_rate", "bandwidth", "codebook_size")}
-    codec.update(name=meta["codec"], n_codebooks=cfg.n_codebooks)
-    if cfg.codec is not None:
-        check_codec({**codec, "name": cfg.codec}, codec, f"the data in {cfg.data_dir}")
+    check_codec_setting(cfg.codec, meta["codec"], f"the data in {cfg.data_dir} holds")
+    codec = codec_info(meta, cfg.n_codebooks)
     train_data = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size, seed=cfg.seed + rank)
     val_data = Batches(cfg.data_dir, meta, "val", cfg.n_codebooks, cfg.block_size)
     if not train_data:

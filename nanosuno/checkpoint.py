@@ -5,7 +5,7 @@ Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights
     model            state_dict of GPT
     optimizer        state_dict of AdamW
     model_args       GPTConfig fields (the model's shape lives here, so sample.py never repeats it)
-    codec            {name, bandwidth, n_codebooks, codebook_size, sample_rate, frame_rate}
+    codec            Codec.info(): {name, sample_rate, frame_rate, bandwidth, n_codebooks, codebook_size}
     config           the Config the run was started with (for reference)
     iter_num, best_val_loss
     rng              {torch: ByteTensor, cuda: [ByteTensor], batches: ByteTensor (the batch sampler's generator)}
@@ -47,6 +47,14 @@ def model_from_checkpoint(ckpt, device="cpu"):
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     model.load_state_dict(state)
     return model.to(device)
+
+
+def check_codec_setting(setting, made_with, what):
+    """The codec setting of train/sample, when it names a codec, must name the one that the data or
+    checkpoint was made with (`what` says which, e.g. "out/ckpt.pt was trained on")."""
+    if setting not in (None, "auto") and setting != made_with:
+        raise UserError(f"codec mismatch: {what} {made_with} tokens but codec={setting} was given; "
+                        f"leave codec unset to use {made_with}")
 
 
 def check_codec(expected, found, what):

@@ -61,6 +61,12 @@ class Codec:
         self.batch_size = 8 if self.device.type == "cuda" else 1  # windows per model call
         self.cache_key = f"{name}-{BANDWIDTH}kbps-v{CODES_VERSION}"  # a token cache under another key is stale
 
+    def info(self, n_codebooks=None):
+        """What meta.json and checkpoints record of the codec (n_codebooks: how many are modelled)."""
+        return {"name": self.name, "sample_rate": self.sample_rate, "frame_rate": self.frame_rate,
+                "bandwidth": self.bandwidth, "n_codebooks": n_codebooks or self.n_codebooks,
+                "codebook_size": self.codebook_size}
+
     def encode(self, waveform):
         """1-D float waveform at 24 kHz -> codes, int64 (n_codebooks, ceil(samples / 320))."""
         return self.encode_blocks([waveform])

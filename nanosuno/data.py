@@ -24,6 +24,18 @@ TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
 
 
+def new_meta(codec_info):
+    """meta.json for tokens of the codec that Codec.info() describes, before the splits are added."""
+    info = dict(codec_info)
+    return {"format_version": META_VERSION, "codec": info.pop("name"), **info, "dtype": "uint16", "splits": {}}
+
+
+def codec_info(meta, n_codebooks):
+    """The codec of meta's tokens, as Codec.info(n_codebooks) describes it."""
+    info = {k: meta[k] for k in ("sample_rate", "frame_rate", "bandwidth", "codebook_size")}
+    return {"name": meta["codec"], **info, "n_codebooks": n_codebooks}
+
+
 def write_meta(data_dir, meta):
     def write(tmp):
         with open(tmp, "w") as f:

@@ -1,5 +1,4 @@
 """Shared test helpers: tiny synthetic token corpora, so train/model tests need no codec."""
-import json
 import os
 import sys
 
@@ -13,6 +12,8 @@ passive_openmp()  # before torch is imported: tests share their cores (see nanos
 import numpy as np
 import pytest
 
+from nanosuno.data import new_meta, write_meta
+
 
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
                        codec="untrained", seed=0):
@@ -20,8 +21,8 @@ def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8,
     file repeats a short random phrase, and codebook k > 0 is a fixed function of codebook 0."""
     rng = np.random.default_rng(seed)
     os.makedirs(data_dir, exist_ok=True)
-    meta = {"format_version": 1, "codec": codec, "sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0,
-            "n_codebooks": n_codebooks, "codebook_size": codebook_size, "dtype": "uint16", "splits": {}}
+    meta = new_meta({"name": codec, "sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0,
+                     "n_codebooks": n_codebooks, "codebook_size": codebook_size})
     for split, lengths in (("train", file_frames), ("val", val_file_frames)):
         chunks, files, offset = [], [], 0
         for i, frames in enumerate(lengths):
@@ -34,8 +35,7 @@ def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8,
         data = np.concatenate(chunks) if chunks else np.zeros((0, n_codebooks), np.uint16)
         data.tofile(os.path.join(data_dir, f"{split}.bin"))
         meta["splits"][split] = {"frames": offset, "files": files}
-    with open(os.path.join(data_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    write_meta(data_dir, meta)
     return meta
 
 

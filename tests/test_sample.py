@@ -33,9 +33,7 @@ def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None):
     model = tiny_model(K, block_size)
     save_checkpoint(str(out_dir), {
         "model": model.state_dict(), "model_args": vars(model.config).copy(), "iter_num": 7, "best_val_loss": 9.9,
-        "codec": {"name": codec_name or codec.name, "bandwidth": codec.bandwidth, "n_codebooks": K,
-                  "codebook_size": codec.codebook_size, "sample_rate": codec.sample_rate,
-                  "frame_rate": codec.frame_rate},
+        "codec": {**codec.info(K), "name": codec_name or codec.name},
         "config": {}})
     return str(out_dir)
 
