@@ -188,25 +188,21 @@ BASELINE_TRAIN_TOKENS_PER_S = (237, 335)
 
 
 def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup):
-    """Seconds per training iteration (forward, backward, clip, AdamW step) on random codes."""
+    """Seconds per training iteration: train.py's train_step (forward, backward, clip, AdamW step),
+    one batch of random codes per step."""
     import torch
     from nanosuno.hardware import autocast
+    from train import train_step
     cfg = model.config if not hasattr(model, "_orig_mod") else model._orig_mod.config
     codes = torch.randint(0, cfg.codebook_size + 1, (batch_size, cfg.n_codebooks, cfg.block_size + 1), device=device)
     x, y = codes[:, :, :-1], codes[:, :, 1:]
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    ctx = autocast(device, dtype)
     times = []
     for i in range(warmup + iters):
         _sync(device)
         t0 = time.perf_counter()
-        with autocast(device, dtype):
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, scaler, lambda: (x, y), accum_steps=1, grad_clip=1.0, ddp=False, ctx=ctx)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

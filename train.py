@@ -13,22 +13,20 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanosuno.checkpoint import check_codec, check_codec_setting, load_checkpoint, save_checkpoint
+from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, save_checkpoint
 from nanosuno.common import UserError, run_cli
 from nanosuno.config import load_config
 from nanosuno.data import Batches, codec_info, read_meta
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.plots import save_loss_plot
-
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "n_codebooks", "dropout", "bias")
-
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
@@ -62,12 +60,28 @@ def evaluate(model, splits, cfg, device, ctx):
     return out
 
 
-def main(argv):
-    cfg = load_config(argv)
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
+    """One optimizer step: forward and backward on accum_steps batches from get_batch() (gradients
+    add up), clip, step. Returns the last batch's loss as a tensor (reading it syncs with a GPU)."""
+    for micro_step in range(accum_steps):
+        x, y = get_batch()
+        # with DDP, only the last micro step synchronises gradients
+        sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
+        with sync, ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss / accum_steps).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
-    # --- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise ------------------------
+
+def setup_processes(cfg):
+    """torchrun sets RANK/WORLD_SIZE: then one process per device, joined into a process group;
+    otherwise one process. Returns what this process is and runs on."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -79,73 +93,84 @@ def main(argv):
         if cfg.gradient_accumulation_steps % world:
             raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a "
                             f"multiple of the number of processes ({world})")
-        accum_steps = cfg.gradient_accumulation_steps // world
     else:
-        rank, world, device, accum_steps = 0, 1, pick_device(cfg.device), cfg.gradient_accumulation_steps
-    master = rank == 0
+        rank, local_rank, world, device = 0, 0, 1, pick_device(cfg.device)
     device_type = device.split(":")[0]
-    dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=rank == 0,
+                           device=device, device_type=device_type, dtype=pick_dtype(cfg.dtype, device),
+                           accum_steps=cfg.gradient_accumulation_steps // world)
 
-    # --- data -----------------------------------------------------------------------------------
+
+def load_data(cfg, proc):
+    """meta.json, the codec it records, and batch samplers over the train and val splits."""
     meta = read_meta(cfg.data_dir)
     if cfg.n_codebooks > meta["n_codebooks"]:
         raise UserError(f"n_codebooks={cfg.n_codebooks} but {cfg.data_dir} holds {meta['n_codebooks']}: "
                         f"use --n_codebooks={meta['n_codebooks']} or fewer")
     check_codec_setting(cfg.codec, meta["codec"], f"the data in {cfg.data_dir} holds")
-    codec = codec_info(meta, cfg.n_codebooks)
-    train_data = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size, seed=cfg.seed + rank)
-    val_data = Batches(cfg.data_dir, meta, "val", cfg.n_codebooks, cfg.block_size)
-    if not train_data:
+    train = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size, seed=cfg.seed + proc.rank)
+    val = Batches(cfg.data_dir, meta, "val", cfg.n_codebooks, cfg.block_size)
+    if not train:
         raise UserError(f"{cfg.data_dir} has no training frames: add audio and run prepare.py again")
-    eval_splits = {"train": train_data, "val": val_data} if val_data else {"train": train_data}
-    if master and not val_data:
+    if proc.master and not val:
         print(f"note: {cfg.data_dir} has an empty val split: skipping validation (only train loss is evaluated)")
+    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), train=train, val=val)
 
-    # --- model, optimizer, maybe resume -----------------------------------------------------------
-    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    model_args["codebook_size"] = meta["codebook_size"]
+
+def build_model(cfg, proc, data):
+    """The model and its optimizer, new or resumed from out_dir's checkpoint (with the random states,
+    so that a resumed run goes on exactly as an uninterrupted one). Returns them with the iteration
+    to start from and the best val loss so far."""
+    # the model's shape: GPTConfig's fields from the settings, except the codebook size (the data's)
+    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "codebook_size"}
+    model_args["codebook_size"] = data.meta["codebook_size"]
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(cfg.out_dir, device)
-        check_codec(codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
+        ckpt = load_checkpoint(cfg.out_dir, proc.device)
+        check_codec(data.codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
         changed = [f"{k} {ckpt['model_args'][k]} -> {v}" for k, v in model_args.items()
                    if k != "dropout" and ckpt["model_args"].get(k) != v]
         if changed:
-            raise UserError(f"cannot resume {cfg.out_dir}/ckpt.pt with another model shape ({', '.join(changed)}); "
-                            "use the settings it was trained with, or another out_dir")
+            raise UserError(f"cannot resume {checkpoint_path(cfg.out_dir)} with another model shape "
+                            f"({', '.join(changed)}); use the settings it was trained with, or another out_dir")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model = GPT(GPTConfig(**model_args))
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    model.to(proc.device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           proc.device_type)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if world == 1:
-            train_data.generator.set_state(ckpt["rng"]["batches"])
+        if proc.world == 1:
+            data.train.generator.set_state(ckpt["rng"]["batches"])
         else:  # each rank had its own stream; give each a fresh, distinct one (resume is exact for 1 process)
-            train_data.generator.manual_seed(cfg.seed + rank + 1000 * iter_num)
-        if device_type == "cuda" and ckpt["rng"].get("cuda"):
+            data.train.generator.manual_seed(cfg.seed + proc.rank + 1000 * iter_num)
+        if proc.device_type == "cuda" and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
-    ckpt = None  # free memory
+    return model, optimizer, iter_num, best_val_loss
+
+
+def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
+    """Train until max_iters: evaluate, plot and checkpoint (rank 0) every eval_interval iterations
+    and at the end, log every log_interval."""
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    ctx = autocast(device, dtype)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.dtype == torch.float16)
+    use_compile = cfg.compile if cfg.compile is not None else proc.device_type == "cuda"
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    ctx = autocast(proc.device, proc.dtype)
 
     # --- logging ------------------------------------------------------------------------------------
+    meta, master = data.meta, proc.master
     steps_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size   # all ranks
-    peak = peak_flops(device, dtype if dtype != torch.float16 else torch.float32) if master else None
+    peak = peak_flops(proc.device, proc.dtype if proc.dtype != torch.float16 else torch.float32) if master else None
     log_path, plot_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -153,7 +178,8 @@ def main(argv):
             os.remove(log_path)
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
               f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
-              f"device {device}, {str(dtype).removeprefix('torch.')}, compile {use_compile}, {world} process(es)")
+              f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
+              f"{proc.world} process(es)")
         print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
               f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration")
 
@@ -164,13 +190,14 @@ def main(argv):
     def checkpoint():
         save_checkpoint(cfg.out_dir, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_args": model_args, "codec": codec, "config": dataclasses.asdict(cfg),
+            "model_args": dataclasses.asdict(raw_model.config), "codec": data.codec, "config": dataclasses.asdict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "rng": {"torch": torch.get_rng_state(), "batches": train_data.generator.get_state(),
-                    "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []},
+            "rng": {"torch": torch.get_rng_state(), "batches": data.train.generator.get_state(),
+                    "cuda": [torch.cuda.get_rng_state()] if proc.device_type == "cuda" else []},
         })
 
     # --- the loop -------------------------------------------------------------------------------------
+    eval_splits = {"train": data.train, "val": data.val} if data.val else {"train": data.train}
     start_iter, t_start = iter_num, time.time()
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
     t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
@@ -181,7 +208,7 @@ def main(argv):
 
         last = iter_num >= cfg.max_iters
         if master and (iter_num % cfg.eval_interval == 0 or last):
-            losses = evaluate(raw_model, eval_splits, cfg, device, ctx)
+            losses = evaluate(raw_model, eval_splits, cfg, proc.device, ctx)
             val = losses.get("val", losses["train"])[0]
             record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
             if "val" in losses:
@@ -194,30 +221,18 @@ def main(argv):
             improved = val < best_val_loss
             best_val_loss = min(best_val_loss, val)
             # the last iteration is always saved (that is what resume continues from)
-            if iter_num > start_iter and (improved or last or cfg.always_save_checkpoint or not val_data):
+            if iter_num > start_iter and (improved or last or cfg.always_save_checkpoint or not data.val):
                 checkpoint()
         if last:
             break
 
-        for micro_step in range(accum_steps):
-            x, y = train_data.sample(cfg.batch_size, device)
-            # with DDP, only the last micro step synchronises gradients
-            sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
-            with sync, ctx:
-                _, loss = model(x, y)
-                loss = loss / accum_steps
-            scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, scaler, lambda: data.train.sample(cfg.batch_size, proc.device),
+                          proc.accum_steps, cfg.grad_clip, proc.ddp, ctx)
         iter_num += 1
         bar.update(1)
 
         if iter_num % cfg.log_interval == 0 and master:
-            loss_value = loss.item() * accum_steps  # .item() syncs with the GPU: only when logging
+            loss_value = loss.item()  # .item() syncs with the GPU: only when logging
             dt = (time.time() - t0) / cfg.log_interval
             t0 = time.time()
             mfu = raw_model.estimate_mfu(steps_per_iter / dt, peak) if peak else float("nan")
@@ -234,8 +249,18 @@ def main(argv):
         steps = (iter_num - start_iter) * steps_per_iter
         print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
               f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
-              f"checkpoint {cfg.out_dir}/ckpt.pt, log {log_path}, plot {plot_path}")
-    if ddp:
+              f"checkpoint {checkpoint_path(cfg.out_dir)}, log {log_path}, plot {plot_path}")
+
+
+def main(argv):
+    cfg = load_config(argv)
+    if cfg.init_from not in ("scratch", "resume"):
+        raise UserError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    proc = setup_processes(cfg)
+    data = load_data(cfg, proc)
+    model, optimizer, iter_num, best_val_loss = build_model(cfg, proc, data)
+    train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss)
+    if proc.ddp:
         destroy_process_group()
 
 

@@ -8,6 +8,7 @@ import torch
 
 import train
 from conftest import ROOT, write_token_corpus
+from nanosuno.checkpoint import checkpoint_path
 from nanosuno.common import UserError
 
 # a model small enough that a CPU trains it in seconds
@@ -21,7 +22,7 @@ def run(data_dir, out_dir, *extra):
 
 
 def load(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    return torch.load(checkpoint_path(out_dir), weights_only=True)
 
 
 def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
