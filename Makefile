@@ -5,11 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# The demo uses the pretrained Encodec when its weights are available (torch hub cache or
-# CODEC_DIR), otherwise the `untrained` codec so that it also runs offline. Override with
-# `make demo CODEC=untrained` or `make demo CODEC=encodec_24khz CODEC_DIR=/path/to/weights`.
+# The demo uses the pretrained Encodec when its weights are on disk (torch hub cache or CODEC_DIR)
+# or can be downloaded, otherwise (with a loud warning) the `untrained` codec, so that it also runs
+# offline. Override with `make demo CODEC=untrained` or
+# `make demo CODEC=encodec_24khz CODEC_DIR=/path/to/weights` (an error when the weights are missing).
 CODEC_DIR ?=
-CODEC ?= $(shell $(BIN)/python -c "from nanosuno.codec import pretrained_available; print('encodec_24khz' if pretrained_available('$(CODEC_DIR)' or None) else 'untrained')")
+CODEC ?= auto
 DEMO_ARGS ?=
 
 .PHONY: install demo test clean-demo

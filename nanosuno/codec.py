@@ -10,6 +10,8 @@ vector quantisation), each with 1024 entries. Two codecs share that architecture
   untrained      deterministic weights (fixed seed, nothing downloaded) so that tests and offline
                  smoke runs work anywhere. Its tokens are diverse on music, its audio quality is
                  meaningless.
+The name "auto" picks the pretrained codec when its weights can be had, else the untrained one
+with a loud warning (what `make demo` uses).
 
 Long audio is encoded (and decoded) in windows of WINDOW_SECONDS, each preceded by CONTEXT_SECONDS
 of the audio before it, whose codes are thrown away: the 24 kHz Encodec is causal (convolutions
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from nanosuno.common import UserError
 
-CODEC_NAMES = ("encodec_24khz", "untrained")
+CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
 WEIGHTS_FILE = "encodec_24khz-d7cc33bc.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + WEIGHTS_FILE
 WEIGHTS_SHA256 = "d7cc33bc"  # start of the file's sha256, as in its name
@@ -152,15 +154,29 @@ class Codec:
         return self.model.decoder(emb)[:, 0, :frames * self.hop_length].float().cpu()
 
 
+class WeightsUnavailable(UserError):
+    """The pretrained weights cannot be had; `reason` says why in a few words."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_codec(name, codec_dir=None, device="cpu"):
-    """The codec called `name` ("encodec_24khz" or "untrained") on `device`."""
+    """The codec called `name` ("encodec_24khz", "untrained" or "auto") on `device`."""
+    if name == "auto":
+        try:
+            return Codec("encodec_24khz", _pretrained_model(codec_dir), device)
+        except WeightsUnavailable as e:  # one loud line instead of the error, then carry on
+            print(f"*** pretrained Encodec unavailable ({e.reason}): using the untrained codec — audio quality "
+                  f"MEANINGLESS ***", file=sys.stderr)
+            return Codec("untrained", _untrained_model(), device)
     if name == "encodec_24khz":
         model = _pretrained_model(codec_dir)
     elif name == "untrained":
         print("warning: codec 'untrained' has made-up weights, audio quality meaningless: fine for "
               "tests and smoke runs, not for listening", file=sys.stderr)
-        model = _encodec_architecture()
-        model.load_state_dict(_untrained_state())
+        model = _untrained_model()
     else:
         raise UserError(f"unknown codec '{name}'; valid codecs: {', '.join(CODEC_NAMES)}")
     return Codec(name, model, device)
@@ -207,18 +223,24 @@ def _pretrained_model(codec_dir):
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     if not sha.hexdigest().startswith(WEIGHTS_SHA256):
-        raise UserError(f"{path} is damaged (sha256 {sha.hexdigest()[:8]}..., expected {WEIGHTS_SHA256}...): delete it "
-                        f"and fetch it again from {WEIGHTS_URL}")
+        damaged = f"{path} is damaged (sha256 {sha.hexdigest()[:8]}..., expected {WEIGHTS_SHA256}...)"
+        raise WeightsUnavailable(f"{damaged}: delete it and fetch it again from {WEIGHTS_URL}", damaged)
     model = _encodec_architecture()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 
 
 def _missing_weights(reason):
-    raise UserError(f"the pretrained codec needs its weights file {WEIGHTS_FILE} (93 MB), which is "
-                    f"{reason}. Download {WEIGHTS_URL} into {_hub_dir()} (torch hub's cache, set by "
-                    f"$TORCH_HOME) or into a folder you name with --codec_dir=FOLDER; or run offline "
-                    f"with --codec=untrained (audio quality meaningless)")
+    raise WeightsUnavailable(f"the pretrained codec needs its weights file {WEIGHTS_FILE} (93 MB), which is "
+                             f"{reason}. Download {WEIGHTS_URL} into {_hub_dir()} (torch hub's cache, set by "
+                             f"$TORCH_HOME) or into a folder you name with --codec_dir=FOLDER; or run offline "
+                             f"with --codec=untrained (audio quality meaningless)", f"{WEIGHTS_FILE} {reason}")
+
+
+def _untrained_model():
+    model = _encodec_architecture()
+    model.load_state_dict(_untrained_state())
+    return model
 
 
 @functools.lru_cache(maxsize=1)

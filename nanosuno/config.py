@@ -29,9 +29,11 @@ class Config:
     out_dir: str = "out"                # checkpoints, logs, plots, samples
     val_fraction: float = 0.1           # share of files (not frames) held out for validation
     # --- codec ------------------------------------------------------------------------------
-    # prepare.py: None = "encodec_24khz" (pretrained); "untrained" = same architecture, no download,
-    # audio quality meaningless. train/sample: None = the codec the data/checkpoint was made with;
-    # a name that differs from it is refused.
+    # prepare.py: None = "encodec_24khz" (pretrained; an error when its weights cannot be had);
+    # "untrained" = same architecture, no download, audio quality meaningless; "auto" = the
+    # pretrained codec when its weights are on disk or can be downloaded, else "untrained" with a
+    # loud warning. train/sample: None or "auto" = the codec the data/checkpoint was made with; a
+    # name that differs from it is refused.
     codec: typing.Optional[str] = None
     codec_dir: typing.Optional[str] = None  # folder holding encodec_24khz-d7cc33bc.th (default: torch hub cache)
     n_codebooks: int = 8                # codebooks modelled, 1..8 (prepare always stores 8, at 6 kbps)

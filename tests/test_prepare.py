@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -223,6 +224,27 @@ def test_cli_error_is_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: input_dir {tmp_path / 'missing'} does not exist or is not a folder"
+
+
+def test_codec_auto_falls_back_loudly_when_the_weights_cannot_be_had(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: weights on this machine must not count
+
+    def offline(url, dst, *args, **kwargs):  # as on a machine without network
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    corpus = tmp_path / "wavs"
+    corpus.mkdir()
+    sf.write(corpus / "a.wav", music(1.0, 24000), 24000)
+    run_args = [f"--input_dir={corpus}", f"--data_dir={tmp_path / 'tokens'}"]
+    prepare.main(run_args + ["--codec=auto"])
+    err = capsys.readouterr().err
+    loud = [line for line in err.splitlines() if "***" in line or "warning" in line]
+    assert len(loud) == 1 and "pretrained Encodec unavailable (" in loud[0]
+    assert "name resolution" in loud[0] and "using the untrained codec" in loud[0] and "MEANINGLESS" in loud[0]
+    assert read_meta(tmp_path / "tokens")["codec"] == "untrained"
+    with pytest.raises(UserError, match="downloading it failed: .*name resolution.*--codec_dir") as error:
+        prepare.main(run_args + ["--codec=encodec_24khz"])   # named explicitly: no fallback
+    assert "\n" not in str(error.value)
 
 
 def test_bad_val_fraction(tmp_path, capsys):
