@@ -287,4 +287,3 @@ class GPT(nn.Module):
     def estimate_mfu(self, steps_per_second, peak_flops, T=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
         return self.flops_per_step(T) * steps_per_second / peak_flops
-
