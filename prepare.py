@@ -32,7 +32,7 @@ from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_aud
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write, run_cli
 from nanosuno.config import Config, load_config
-from nanosuno.data import SPLITS, assign_splits, new_meta, write_meta, write_split
+from nanosuno.data import add_baselines, SPLITS, assign_splits, new_meta, write_meta, write_split
 from nanosuno.hardware import pick_device
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent
@@ -190,6 +190,7 @@ def write_tokens(data_dir, kept, names, split_of, cache, codec):
 
         frames = write_split(os.path.join(data_dir, f"{split}.bin"), code_arrays())
         meta["splits"][split] = {"frames": frames, "files": files}
+    add_baselines(data_dir, meta)
     write_meta(data_dir, meta)
     return meta
 

@@ -8,6 +8,7 @@ Train the transformer on the token files that prepare.py wrote.
 Writes out_dir/ckpt.pt (resume with --init_from=resume), out_dir/log.jsonl and out_dir/loss.png.
 """
 import dataclasses
+import html
 import json
 import math
 import os
@@ -20,13 +21,20 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from nanosuno.audio import save_wav
+from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, save_checkpoint
-from nanosuno.common import UserError, run_cli
+from nanosuno.codec import load_codec
+from nanosuno.common import UserError, atomic_write, run_cli
 from nanosuno.config import load_config
 from nanosuno.data import Batches, codec_info, read_meta
+from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, codebook_losses
-from nanosuno.plots import save_loss_plot
+from nanosuno.plots import save_loss_plot, save_spectrogram
+
+PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
+
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
@@ -58,6 +66,52 @@ def evaluate(model, splits, cfg, device, ctx):
         out[name] = (per_codebook.nanmean().item(), per_codebook.tolist())
     model.train()
     return out
+
+
+def eval_line(iter_num, record, meta):
+    """One line per evaluation: the losses, and how they compare with the simple baselines and
+    the codec's raw bit rate, e.g.
+    iter 250: train 4.4102, val 4.3391 (best simple baseline 4.9546: -0.6155; 3,756 bit/s, codec 6,000)"""
+    line = f"iter {iter_num}: train {record['train_loss']:.4f}"
+    if "val_loss" in record:
+        line += f", val {record['val_loss']:.4f}"
+    if "baseline_loss" in record:
+        K = len(record["val_codebook_losses"])
+        raw = K * meta["frame_rate"] * math.log2(meta["codebook_size"])
+        line += (f" (best simple baseline {record['baseline_loss']:.4f}: "
+                 f"{record['val_loss'] - record['baseline_loss']:+.4f}; "
+                 f"{record['val_bits_per_second']:,.0f} bit/s, codec {raw:,.0f})")
+    per_codebook = record.get("val_codebook_losses", record["train_codebook_losses"])
+    return line + f"; per codebook {' '.join(f'{v:.2f}' for v in per_codebook)}"
+
+
+def write_progress_sample(cfg, model, codec, iter_num, val_loss):
+    """PROGRESS_SECONDS of music from the model as it is now (fixed seed, so successive samples
+    differ only by what the model learned) -> out_dir/progress/iter_NNNNNN.wav + spectrogram, and
+    progress/index.html lists every one in the folder, newest first: listen to the model improve."""
+    folder = os.path.join(cfg.out_dir, "progress")
+    os.makedirs(folder, exist_ok=True)
+    model.eval()
+    codes = generate(model, round(PROGRESS_SECONDS * codec.frame_rate), seed=cfg.seed)[0]
+    model.train()
+    waveform, name = codec.decode(codes), f"iter_{iter_num:06d}"
+    save_wav(os.path.join(folder, f"{name}.wav"), waveform, codec.sample_rate)
+    save_spectrogram(os.path.join(folder, f"{name}.png"), waveform, codec.sample_rate,
+                     f"iteration {iter_num}" + (f", val loss {val_loss:.3f}" if val_loss is not None else ""))
+    names = sorted((f[:-4] for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".wav")), reverse=True)
+    items = "".join(f'<h2>iteration {int(n[5:])}</h2>\n<audio controls preload="none" src="{n}.wav"></audio><br>\n'
+                    f'<img src="{n}.png" alt="spectrogram at iteration {int(n[5:])}">\n' for n in names)
+    warning = ('<p style="color:#b00"><b>codec \'untrained\': the audio quality of these samples is MEANINGLESS'
+               '</b></p>\n' if codec.name == "untrained" else "")
+    page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>nanosuno: training progress</title></head>\n'
+            f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
+            f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
+            f"{items}</body></html>\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(page)
+    atomic_write(os.path.join(folder, "index.html"), write)
 
 
 def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
@@ -118,7 +172,10 @@ def load_data(cfg, proc):
         raise UserError(f"{cfg.data_dir} has no training frames: add audio and run prepare.py again")
     if proc.master and not val:
         print(f"note: {cfg.data_dir} has an empty val split: skipping validation (only train loss is evaluated)")
-    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), train=train, val=val)
+    # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
+    baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
+    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), train=train, val=val,
+                           baseline=baseline)
 
 
 def build_model(cfg, proc, data):
@@ -191,12 +248,25 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
         save_checkpoint(cfg.out_dir, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_args": dataclasses.asdict(raw_model.config), "codec": data.codec, "config": dataclasses.asdict(cfg),
-            "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "baselines": data.meta.get("baselines"),
             "rng": {"torch": torch.get_rng_state(), "batches": data.train.generator.get_state(),
                     "cuda": [torch.cuda.get_rng_state()] if proc.device_type == "cuda" else []},
         })
 
+    def progress_sample(codec, iter_num, val_loss):
+        """A progress sample (rank 0): the codec is loaded on first use; if it cannot be (the pretrained
+        weights missing), say so once and go on training without progress samples."""
+        try:
+            codec = codec or load_codec(data.codec["name"], cfg.codec_dir, proc.device)
+        except UserError as e:
+            bar.write(f"note: no progress samples ({e})")
+            return False
+        if codec:
+            write_progress_sample(cfg, raw_model, codec, iter_num, val_loss)
+        return codec
+
     # --- the loop -------------------------------------------------------------------------------------
+    progress_codec = None   # loaded at the first progress sample; False: unavailable
     eval_splits = {"train": data.train, "val": data.val} if data.val else {"train": data.train}
     start_iter, t_start = iter_num, time.time()
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
@@ -213,11 +283,14 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
             record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
             if "val" in losses:
                 record.update(val_loss=losses["val"][0], val_codebook_losses=losses["val"][1])
+            if data.baseline and "val" in losses:
+                record.update(baseline_loss=sum(data.baseline) / len(data.baseline), baseline_codebook_losses=data.baseline,
+                              val_bits_per_second=bits_per_second(losses["val"][1], meta["frame_rate"]))
             log(record)
             save_loss_plot(log_path, plot_path)
-            per_cb = " ".join(f"{v:.2f}" for v in losses.get("val", losses["train"])[1])
-            bar.write(f"iter {iter_num}: train {losses['train'][0]:.4f}"
-                      + (f", val {losses['val'][0]:.4f}" if "val" in losses else "") + f" (per codebook {per_cb})")
+            bar.write(eval_line(iter_num, record, meta))
+            if cfg.sample_every and ((iter_num // cfg.eval_interval) % cfg.sample_every == 0 or last):
+                progress_codec = progress_sample(progress_codec, iter_num, record.get("val_loss"))
             improved = val < best_val_loss
             best_val_loss = min(best_val_loss, val)
             # the last iteration is always saved (that is what resume continues from)

@@ -60,6 +60,7 @@ class Config:
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
+    sample_every: int = 1               # write a short progress sample every this many evaluations (0 = off)
     always_save_checkpoint: bool = False  # save at every eval even if val loss did not improve
     # --- system -----------------------------------------------------------------------------
     device: str = "auto"                # auto = cuda, then mps, then cpu

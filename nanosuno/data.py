@@ -6,7 +6,9 @@ prepare.py writes, into data_dir:
                       files of a split are concatenated.
   meta.json           format_version, codec, sample_rate, frame_rate, bandwidth, n_codebooks,
                       codebook_size, dtype, and per split its frames and source files:
-                      {"splits": {"train": {"frames": N, "files": [{"path", "offset", "frames"}]}}}
+                      {"splits": {"train": {"frames": N, "files": [{"path", "offset", "frames"}]}}};
+                      and "baselines": per codebook the val cross-entropy of simple token
+                      statistics fitted on train (nanosuno/baselines.py), or None without val.
 JSON, never pickle. The per-file offsets keep training windows inside one recording.
 """
 import hashlib
@@ -16,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from nanosuno.baselines import baseline_losses
 from nanosuno.common import UserError, atomic_write
 from nanosuno.pattern import delay_interleave
 
@@ -34,6 +37,19 @@ def codec_info(meta, n_codebooks):
     """The codec of meta's tokens, as Codec.info(n_codebooks) describes it."""
     info = {k: meta[k] for k in ("sample_rate", "frame_rate", "bandwidth", "codebook_size")}
     return {"name": meta["codec"], **info, "n_codebooks": n_codebooks}
+
+
+def add_baselines(data_dir, meta):
+    """meta["baselines"]: the simple baselines' val cross-entropy per codebook (see baselines.py),
+    the yardstick train.py shows every evaluation against; None when the val split is empty."""
+    splits = meta["splits"]
+    if not splits["train"]["frames"] or not splits["val"]["frames"]:
+        meta["baselines"] = None
+        return meta
+    meta["baselines"] = baseline_losses(open_split(data_dir, meta, "train"), splits["train"]["files"],
+                                        open_split(data_dir, meta, "val"), splits["val"]["files"],
+                                        meta["codebook_size"])
+    return meta
 
 
 def write_meta(data_dir, meta):

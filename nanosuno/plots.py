@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def save_loss_plot(log_path, png_path):
     """Loss curves from train.py's log.jsonl: training loss, evaluated train/val loss, and val loss
-    per codebook (the coarse codebook 0 is the easiest to predict, the finest residuals the hardest)."""
+    per codebook, each next to its best simple baseline (dashed: what counting token statistics
+    scores on val; a model above its dashed line has learned less than counting)."""
     records = [json.loads(line) for line in open(log_path)]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "train_loss" in r]
@@ -21,6 +22,9 @@ def save_loss_plot(log_path, png_path):
         points = [(r["iter"], r[key]) for r in evals if key in r]
         if points:
             ax.plot(*zip(*points), style, ms=3, label=key.replace("_loss", " (eval)"))
+    baselines = [r for r in evals if "baseline_loss" in r]
+    if baselines:  # the yardstick: what simple token statistics score on val
+        ax.axhline(baselines[-1]["baseline_loss"], color="gray", ls="--", lw=1, label="best simple baseline (val)")
     ax.set(xlabel="iteration", ylabel="cross-entropy (nats)", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -29,7 +33,9 @@ def save_loss_plot(log_path, png_path):
     if per_codebook:
         iters, values = zip(*per_codebook)
         for k in range(len(values[0])):
-            ax_cb.plot(iters, [v[k] for v in values], "o-", ms=3, label=f"codebook {k}")
+            line, = ax_cb.plot(iters, [v[k] for v in values], "o-", ms=3, label=f"codebook {k}")
+            if baselines:  # each codebook's best simple baseline, dashed, in its colour
+                ax_cb.axhline(baselines[-1]["baseline_codebook_losses"][k], color=line.get_color(), ls="--", lw=1)
         ax_cb.legend(fontsize=8, ncol=2)
     ax_cb.set(xlabel="iteration", ylabel="cross-entropy (nats)", title=key.replace("_", " ").replace("losses", "loss"))
     ax_cb.grid(alpha=0.3)

@@ -10,9 +10,10 @@ from nanosuno.common import passive_openmp
 passive_openmp()  # before torch is imported: tests share their cores (see nanosuno/common.py)
 
 import numpy as np
+import torch
 import pytest
 
-from nanosuno.data import new_meta, write_meta
+from nanosuno.data import add_baselines, new_meta, write_meta
 
 
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
@@ -35,7 +36,7 @@ def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8,
         data = np.concatenate(chunks) if chunks else np.zeros((0, n_codebooks), np.uint16)
         data.tofile(os.path.join(data_dir, f"{split}.bin"))
         meta["splits"][split] = {"frames": offset, "files": files}
-    write_meta(data_dir, meta)
+    write_meta(data_dir, add_baselines(data_dir, meta))
     return meta
 
 
@@ -44,3 +45,14 @@ def token_corpus(tmp_path):
     data_dir = tmp_path / "tokens"
     write_token_corpus(data_dir, file_frames=[400, 300, 50], val_file_frames=[200])
     return str(data_dir)
+
+
+def with_random_weights(model, seed=0):
+    """The model with every weight drawn at random. A fresh model's output projections and heads
+    are zero (its logits are all equal), which would make tests of causality, caching and sampling
+    pass vacuously; a trained model's are not."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 if p.dim() < 2 or p is model.wte.weight else p.shape[1] ** -0.5)
+    return model

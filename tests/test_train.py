@@ -1,9 +1,11 @@
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import soundfile as sf
 import torch
 
 import train
@@ -14,7 +16,7 @@ from nanosuno.common import UserError
 # a model small enough that a CPU trains it in seconds
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--dtype=float32", "--compile=False", "--eval_iters=2", "--log_interval=5", "--warmup_iters=5",
-        "--learning_rate=3e-3", "--min_lr=3e-4", "--lr_decay_iters=50"]
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--lr_decay_iters=50", "--sample_every=0"]
 
 
 def run(data_dir, out_dir, *extra):
@@ -41,6 +43,38 @@ def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
     assert ckpt["iter_num"] == 40 and ckpt["codec"]["name"] == "untrained"
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["codec"]["n_codebooks"] == 8
     assert not [f for f in os.listdir(out) if ".tmp" in f]    # atomic writes leave no temporaries
+
+
+def test_eval_shows_the_baselines_and_bit_rate(token_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=10", "--eval_interval=10")
+    meta = json.load(open(os.path.join(token_corpus, "meta.json")))
+    best = [min(v for v in (meta["baselines"][name][k] for name in ("unigram", "prev_frame", "lower_codebook"))
+                if v is not None) for k in range(8)]
+    record = [json.loads(line) for line in open(out / "log.jsonl") if "val_loss" in line][-1]
+    assert record["baseline_codebook_losses"] == pytest.approx(best)
+    assert record["baseline_loss"] == pytest.approx(sum(best) / 8)
+    assert record["val_bits_per_second"] == pytest.approx(75 * sum(record["val_codebook_losses"]) / math.log(2))
+    captured = capsys.readouterr()
+    line = [l for l in (captured.out + captured.err).splitlines() if l.startswith("iter 10:")][0]
+    assert f"best simple baseline {sum(best) / 8:.4f}: {record['val_loss'] - sum(best) / 8:+.4f}" in line
+    assert "bit/s, codec 6,000" in line
+    assert load(out)["baselines"] == meta["baselines"]
+
+
+def test_progress_samples(token_corpus, tmp_path):
+    """sample_every=2: a progress sample at every second evaluation and at the end, listed newest first."""
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=12", "--eval_interval=4", "--sample_every=2")
+    progress = out / "progress"
+    wavs = sorted(f for f in os.listdir(progress) if f.endswith(".wav"))
+    assert wavs == ["iter_000000.wav", "iter_000008.wav", "iter_000012.wav"]
+    audio, rate = sf.read(progress / "iter_000012.wav")
+    assert rate == 24000 and abs(len(audio) - train.PROGRESS_SECONDS * 24000) <= 320
+    assert (progress / "iter_000012.png").stat().st_size > 1000
+    page = open(progress / "index.html").read()
+    assert page.index("iter_000012.wav") < page.index("iter_000008.wav") < page.index("iter_000000.wav")
+    assert "MEANINGLESS" in page
 
 
 def test_resume_is_exact(token_corpus, tmp_path):
