@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
+from conftest import with_random_weights
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 
 
 def tiny(K=8, block_size=64, dropout=0.0):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
-                         n_embd=32, dropout=dropout)).eval()
+    model = GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
+                          n_embd=32, dropout=dropout))
+    return with_random_weights(model).eval()
 
 
 def test_small_config_parameter_count():
@@ -17,14 +19,14 @@ def test_small_config_parameter_count():
     cfg = GPTConfig(block_size=2048, n_codebooks=8, codebook_size=1024, n_layer=6, n_head=8, n_embd=256)
     model = GPT(cfg)
     d = cfg.n_embd
-    per_layer = 12 * d * d + 2 * d                     # qkv + proj + 4x MLP, two LayerNorm weights
+    per_layer = 12 * d * d                             # qkv + proj + 4x MLP (norms have no weights)
     heads = cfg.n_codebooks * cfg.codebook_size * d
-    non_embedding = cfg.n_layer * per_layer + d + heads  # + final LayerNorm
-    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d + cfg.block_size * d
+    non_embedding = cfg.n_layer * per_layer + heads
+    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d   # rotary positions have no weights
     total = sum(p.numel() for p in model.parameters())
     print(f"config/small.py: {total:,} parameters, {model.get_num_params():,} non-embedding")
-    assert model.get_num_params() == non_embedding == 6_819_072
-    assert total == non_embedding + embeddings == 9_442_560
+    assert model.get_num_params() == non_embedding == 6_815_744
+    assert total == non_embedding + embeddings == 8_914_944
 
 
 @pytest.mark.parametrize("K", [1, 8])
