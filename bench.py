@@ -4,7 +4,8 @@ Throughput benchmarks. They print figures and assert nothing (never part of the 
     python bench.py prepare [--corpus=DIR] [--minutes=N] [--long_minutes=30] [--codec=NAME] [--repeats=1]
     python bench.py train [--compile] [--batch_size=N]
     python bench.py sample
-    python bench.py all
+    python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seed=N]
+    python bench.py all          (prepare, train, sample)
 
 Each measurement runs in a fresh process, so that its peak memory (RSS high-water mark) is its own.
 
@@ -14,6 +15,9 @@ audio (already decoded and in memory) in the same run; then one long file (the c
 reaches at least 80% of raw encode's audio-seconds per second; a 30-minute file prepares in
 under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
     cd /tmp && apt-get download wesnoth-1.16-music && dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth
+
+learn: how much config/small.py's model learns in a fixed budget on a real corpus, per codebook,
+next to the simple baselines and a single-codebook model given the same budget.
 """
 import argparse
 import multiprocessing
@@ -240,7 +244,7 @@ def bench_train(compile_on_cpu=False, batch_size=None):
             for compiled in compiles:
                 torch.manual_seed(0)
                 model = GPT(GPTConfig(block_size=2048, n_codebooks=8, codebook_size=1024, **shape)).to(device)
-                optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
+                optimizer = model.configure_optimizers(1e-4, 1e-3, 0.0, (0.9, 0.95))
                 runner = torch.compile(model) if compiled else model
                 t_compile = time.perf_counter()
                 seconds = _time_train_iters(runner, optimizer, device, dtype, batch_size, iters, warmup)
@@ -261,6 +265,124 @@ def bench_train(compile_on_cpu=False, batch_size=None):
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     print(f"tokens = steps x 8 codebooks; target on a 2-core CPU: fp32 >= 5x, bf16 >= 9x the GPT-2 baseline "
           f"({BASELINE_TRAIN_TOKENS_PER_S[0]}-{BASELINE_TRAIN_TOKENS_PER_S[1]} tokens/s)")
+
+
+# --- learn -----------------------------------------------------------------------------------------
+
+def val_losses(model, data_dir, meta, n_codebooks):
+    """Val cross-entropy per codebook over the WHOLE val split: every file cut into consecutive
+    windows of block_size + 1 frames (the last one shorter), each laid out as in training. Unlike
+    train.py's eval (random windows), this is deterministic, so two runs compare exactly."""
+    import numpy as np
+    import torch
+    from nanosuno.data import open_split
+    from nanosuno.model import codebook_losses
+    from nanosuno.pattern import delay_interleave
+    tokens, special = open_split(data_dir, meta, "val"), meta["codebook_size"]
+    T, K = model.config.block_size, n_codebooks
+    total, count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    model.eval()
+    for f in meta["splits"]["val"]["files"]:
+        for start in range(0, f["frames"] - 1, T + 1):
+            n = min(T + 1, f["frames"] - start)
+            crop = torch.from_numpy(np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :K], dtype=np.int64))
+            window = delay_interleave(crop.T, special)[None, :, :n]       # (1, K, n) delayed
+            logits, _ = model(window[:, :, :-1])
+            targets = window[:, :, 1:]
+            real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
+            losses = codebook_losses(logits, targets, special).double()
+            total += torch.nan_to_num(losses) * real
+            count += real
+    return (total / count).tolist()
+
+
+def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_dir="data/learn", seed=1337):
+    """How much the recipe learns in a fixed budget: config/small.py's model on a real corpus split by
+    file, trained for `minutes` of this machine (or exactly `steps` iterations), then val cross-entropy
+    per codebook over the whole val split, next to the simple baselines (fitted on train) and to a
+    single-codebook model given the same budget. Batch 4 x 2048 steps, one process, the settings'
+    defaults otherwise; the learning-rate schedule is fitted to the budget."""
+    import json
+    import torch
+    import prepare
+    import train
+    from nanosuno.baselines import NAMES, best_baseline, bits_per_second
+    from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanosuno.config import load_config
+    from nanosuno.data import read_meta
+    if not os.path.isdir(corpus):
+        sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
+                 f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")
+    prepare.main([f"--input_dir={corpus}", f"--data_dir={data_dir}", f"--codec={codec_name or 'auto'}"])
+    meta = read_meta(data_dir)
+    baselines = meta["baselines"]
+    best = best_baseline(baselines)
+    fixed = ["config/small.py", f"--data_dir={data_dir}", "--batch_size=4", "--gradient_accumulation_steps=1",
+             "--eval_iters=1", "--sample_every=0", f"--seed={seed}", "--compile=False"]
+    print(f"learn: config/small.py dims, batch 4 x 2048 steps, {minutes if not steps else '-'} min / "
+          f"{steps or '-'} iterations; {_cpu_name()}; load average {os.getloadavg()[0]:.1f}")
+    results = {}
+    for K in (8, 1):
+        cfg = load_config(fixed + [f"--n_codebooks={K}"])
+        iters = steps or _iterations_in(minutes, cfg, meta)
+        out_dir = tempfile.mkdtemp(prefix=f"bench-learn-K{K}-")
+        start = time.time()
+        train.main(fixed + [f"--n_codebooks={K}", f"--out_dir={out_dir}", f"--max_iters={iters}",
+                            f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}",
+                            f"--eval_interval={iters}"])
+        seconds = time.time() - start
+        model = model_from_checkpoint(load_checkpoint(out_dir))
+        with torch.no_grad():
+            results[K] = dict(val=val_losses(model, data_dir, meta, K), iters=iters, seconds=seconds,
+                              steps_per_s=iters * 4 * 2048 / seconds)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    val8, val1 = results[8]["val"], results[1]["val"]
+    rows = [("K=8 model", val8)] + [(name, [v if v is not None else float("nan") for v in baselines[name]])
+                                    for name in NAMES] + [("best baseline", best)]
+    print(f"{'val CE (nats)':16}" + "".join(f"{'cb' + str(k):>7}" for k in range(8)) + f"{'mean':>8}")
+    for name, values in rows:
+        print(f"{name:16}" + "".join(f"{v:7.3f}" for v in values) + f"{sum(values) / len(values):8.3f}")
+    print(f"{'K=1 model':16}{val1[0]:7.3f}")
+    mean8, mean_best = sum(val8) / 8, sum(best) / 8
+    print(f"K=8: {results[8]['iters']} iterations in {results[8]['seconds'] / 60:.1f} min "
+          f"({results[8]['steps_per_s']:,.0f} steps/s); K=1: {results[1]['iters']} iterations in "
+          f"{results[1]['seconds'] / 60:.1f} min ({results[1]['steps_per_s']:,.0f} steps/s)")
+    print(f"mean val CE {mean8:.4f} vs best baselines {mean_best:.4f}: {mean8 - mean_best:+.4f} (target: <= -0.2); "
+          f"codebooks below their baseline: {sum(v < b for v, b in zip(val8, best))}/8 (target: 8); "
+          f"codebook 0 {val8[0]:.4f} vs K=1 {val1[0]:.4f}: {val8[0] - val1[0]:+.4f} (target: <= 0); "
+          f"{bits_per_second(val8, meta['frame_rate']):,.0f} bit/s (codec 6,000)")
+    print("json: " + json.dumps({"K8": results[8], "K1": results[1], "best_baseline": best}))
+
+
+def _iterations_in(minutes, cfg, meta):
+    """How many iterations of this model fit in `minutes` here: a few timed train steps on real batches."""
+    import torch
+    from nanosuno.data import Batches
+    from nanosuno.hardware import autocast, pick_dtype
+    from nanosuno.model import GPT, GPTConfig
+    from train import train_step
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=cfg.block_size, n_codebooks=cfg.n_codebooks, codebook_size=meta["codebook_size"],
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
+    ctx, scaler = autocast("cpu", pick_dtype(cfg.dtype, "cpu")), torch.amp.GradScaler("cpu", enabled=False)
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        train_step(model, optimizer, scaler, lambda: batches.sample(cfg.batch_size), 1, cfg.grad_clip, False, ctx)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[1:])[1]   # the median of three, after one warm-up
+    print(f"  K={cfg.n_codebooks}: {seconds:.2f} s per iteration here: {minutes:g} min = {int(minutes * 60 / seconds)} iterations")
+    return max(1, int(minutes * 60 / seconds))
+
+
+def _cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
 
 
 # --- sample ----------------------------------------------------------------------------------------
@@ -380,9 +502,13 @@ def bench_sample(repeats=3):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
-    parser.add_argument("what", choices=["prepare", "train", "sample", "all"])
+    parser.add_argument("what", choices=["prepare", "train", "sample", "learn", "all"])
     parser.add_argument("--corpus", default=WESNOTH, help="prepare: folder of music")
-    parser.add_argument("--minutes", type=float, default=None, help="prepare: use only this much of the corpus")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="prepare: use only this much of the corpus; learn: training budget (default 30)")
+    parser.add_argument("--steps", type=int, default=None, help="learn: train exactly this many iterations instead")
+    parser.add_argument("--data_dir", default="data/learn", help="learn: where the corpus's tokens are cached")
+    parser.add_argument("--seed", type=int, default=1337, help="learn: training seed")
     parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
     parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
     parser.add_argument("--repeats", type=int, default=1, help="prepare: runs of raw encode and prepare, in turn")
@@ -395,3 +521,5 @@ if __name__ == "__main__":
         bench_train(args.compile, args.batch_size)
     if args.what in ("sample", "all"):
         bench_sample()
+    if args.what == "learn":  # not part of "all": it takes an hour by default
+        bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir, args.seed)

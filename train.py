@@ -199,8 +199,7 @@ def build_model(cfg, proc, data):
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(proc.device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           proc.device_type)
+    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -273,8 +272,8 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
     t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
     while True:
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:   # AdamW's at learning_rate, Muon's at muon_lr: both follow the schedule
+            group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
 
         last = iter_num >= cfg.max_iters
         if master and (iter_num % cfg.eval_interval == 0 or last):

@@ -48,7 +48,8 @@ class Config:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
-    learning_rate: float = 6e-4
+    learning_rate: float = 6e-4         # AdamW's, for the code embeddings and the heads
+    muon_lr: float = 0.02               # Muon's, for the blocks' weight matrices (see nanosuno/optim.py)
     min_lr: float = 6e-5
     warmup_iters: int = 100
     lr_decay_iters: int = 5000          # cosine decay reaches min_lr here (usually = max_iters)

@@ -12,13 +12,13 @@ then `decode_step` costs O(current length) per step. decode_step is forward() fo
 written out flat, because at batch 1 on a CPU per-call overhead is a large part of a step; a
 test holds the two equal.
 """
-import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanosuno.optim import MuonAdamW
 
 
 @dataclass
@@ -281,16 +281,14 @@ class GPT(nn.Module):
         cache.advance(1)
         return _linear(norm(x), heads["lm_heads.weight"]).view(B, K, -1)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay the weight matrices and embeddings, not LayerNorm weights and biases
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # the fused kernel updates all parameters in one pass (CUDA, and CPU in recent torch)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas):
+        """Muon for the blocks' weight matrices, AdamW for the code embeddings and the heads (see
+        optim.py). Each group remembers its initial_lr; the schedule scales them all alike."""
+        hidden = [p for block in self.h for p in block.parameters()]
+        rest = [self.wte.weight, self.lm_heads.weight]
+        groups = [{"params": hidden, "muon": True, "lr": muon_lr, "initial_lr": muon_lr},
+                  {"params": rest, "muon": False, "lr": learning_rate, "initial_lr": learning_rate}]
+        return MuonAdamW(groups, betas=betas, weight_decay=weight_decay)
 
     def flops_per_step(self, T=None):
         """nanoGPT's (PaLM appendix B) count of training FLOPs per step (= per position):

@@ -5,6 +5,7 @@ import torch
 
 from conftest import with_random_weights
 from nanosuno.model import GPT, GPTConfig, codebook_losses
+from nanosuno.optim import MuonAdamW, orthogonalize
 
 
 def tiny(K=8, block_size=64, dropout=0.0):
@@ -97,7 +98,7 @@ def test_tiny_model_overfits_a_fixed_sequence():
     model = tiny(K=4, block_size=32).train()
     codes = torch.randint(0, 64, (1, 4, 33))
     x, y = codes[:, :, :-1], codes[:, :, 1:]
-    optimizer = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(1e-2, 0.02, 0.0, (0.9, 0.95))
     first = None
     for _ in range(150):
         _, loss = model(x, y)
@@ -109,13 +110,45 @@ def test_tiny_model_overfits_a_fixed_sequence():
     assert loss.item() < 0.3
 
 
-def test_weight_decay_groups():
+def test_optimizer_groups():
+    """Muon for exactly the blocks' weight matrices, AdamW for the embeddings and heads, nothing twice."""
     model = tiny()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    muon, adamw = model.configure_optimizers(1e-3, 0.02, 0.1, (0.9, 0.95)).param_groups
+    blocks = {id(p) for p in model.h.parameters()}
+    assert muon["muon"] and {id(p) for p in muon["params"]} == blocks
+    assert not adamw["muon"] and {id(p) for p in adamw["params"]} == {id(model.wte.weight), id(model.lm_heads.weight)}
+    assert (muon["lr"], adamw["lr"]) == (0.02, 1e-3) and muon["weight_decay"] == adamw["weight_decay"] == 0.1
+    assert len(muon["params"]) + len(adamw["params"]) == len(list(model.parameters()))
+
+
+def test_orthogonalize_makes_singular_values_near_one():
+    """Muon's Newton-Schulz step: singular values spread over two decades (as a gradient's are) all end
+    up near 1 (the quintic iteration trades exactness for speed: ~[0.7, 1.2]), singular vectors kept."""
+    torch.manual_seed(0)
+    for rows, cols in ((64, 32), (32, 96)):
+        n = min(rows, cols)
+        U, _ = torch.linalg.qr(torch.randn(rows, n))
+        V, _ = torch.linalg.qr(torch.randn(cols, n))
+        S = torch.logspace(-2, 0, n) * 37.0                     # any overall scale
+        O = orthogonalize(U @ torch.diag(S) @ V.T)
+        singular = U.T @ O @ V                                  # diagonal if the singular vectors are kept
+        assert torch.allclose(singular, torch.diag(singular.diag()), atol=1e-3)
+        assert singular.diag().min() > 0.6 and singular.diag().max() < 1.25, singular.diag()
+
+
+def test_adamw_groups_match_torch_adamw():
+    """The AdamW half of MuonAdamW is AdamW: same updates as torch.optim.AdamW on the same gradients."""
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    reference.data.copy_(ours.data)
+    mine = MuonAdamW([{"params": [ours], "lr": 1e-2}], betas=(0.9, 0.95), weight_decay=0.1)
+    theirs = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(5, 3)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        mine.step()
+        theirs.step()
+    torch.testing.assert_close(ours, reference)
 
 
 def test_mfu_uses_nanogpt_flop_formula():
