@@ -337,11 +337,11 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
                               steps_per_s=iters * 4 * 2048 / seconds)
         shutil.rmtree(out_dir, ignore_errors=True)
     val8, val1 = results[8]["val"], results[1]["val"]
-    rows = [("K=8 model", val8)] + [(name, [v if v is not None else float("nan") for v in baselines[name]])
-                                    for name in NAMES] + [("best baseline", best)]
+    rows = [("K=8 model", val8)] + [(name, baselines[name]) for name in NAMES] + [("best baseline", best)]
     print(f"{'val CE (nats)':16}" + "".join(f"{'cb' + str(k):>7}" for k in range(8)) + f"{'mean':>8}")
-    for name, values in rows:
-        print(f"{name:16}" + "".join(f"{v:7.3f}" for v in values) + f"{sum(values) / len(values):8.3f}")
+    for name, values in rows:   # the lower-codebook bigram has no value for codebook 0
+        mean = f"{sum(values) / len(values):8.3f}" if None not in values else f"{'-':>8}"
+        print(f"{name:16}" + "".join(f"{v:7.3f}" if v is not None else f"{'-':>7}" for v in values) + mean)
     print(f"{'K=1 model':16}{val1[0]:7.3f}")
     mean8, mean_best = sum(val8) / 8, sum(best) / 8
     print(f"K=8: {results[8]['iters']} iterations in {results[8]['seconds'] / 60:.1f} min "

@@ -48,12 +48,12 @@ class Config:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
-    learning_rate: float = 6e-4         # AdamW's, for the code embeddings and the heads
+    learning_rate: float = 2e-3         # AdamW's, for the code embeddings and the heads
     muon_lr: float = 0.02               # Muon's, for the blocks' weight matrices (see nanosuno/optim.py)
-    min_lr: float = 6e-5
+    min_lr: float = 2e-4                # where the cosine decay ends (Muon's lr ends at the same fraction)
     warmup_iters: int = 100
     lr_decay_iters: int = 5000          # cosine decay reaches min_lr here (usually = max_iters)
-    weight_decay: float = 0.1
+    weight_decay: float = 0.0           # decoupled, on every weight matrix; 0 = off (as bench.py learn measured it)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0              # 0 disables
