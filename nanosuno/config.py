@@ -43,6 +43,7 @@ class Config:
     n_embd: int = 256
     block_size: int = 2048              # context in steps; 75 steps = 1 second of audio
     dropout: float = 0.0
+    bias: bool = False
     # --- training ---------------------------------------------------------------------------
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
     batch_size: int = 8

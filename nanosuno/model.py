@@ -12,6 +12,7 @@ then `decode_step` costs O(current length) per step. decode_step is forward() fo
 written out flat, because at batch 1 on a CPU per-call overhead is a large part of a step; a
 test holds the two equal.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class GPTConfig:
     n_head: int = 8
     n_embd: int = 256
     dropout: float = 0.0
+    bias: bool = False              # biases in Linears and LayerNorms (False: a bit better and faster)
 
 
 class KVCache:
@@ -56,40 +58,20 @@ class KVCache:
         self.length = 0
 
 
-def norm(x):
-    """RMSNorm without a learned scale: the next matmul can learn any per-channel scale itself."""
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def rotary_tables(block_size, head_dim, base=10000.0):
-    """cos and sin (block_size, head_dim / 2) of the rotary position embedding's angles."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def rotate(x, cos, sin):
-    """Rotary position embedding: each pair of channels (i, i + D/2) of a query or key turned by its
-    position's angle, so that q . k depends only on how far apart the two steps are."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        # QK-norm (queries and keys at unit RMS: attention logits cannot blow up, so higher learning
-        # rates stay stable), then rotary positions
-        q, k = rotate(norm(q), cos, sin), rotate(norm(k), cos, sin)   # each (B, n_head, T, head_dim)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv                                   # each (B, n_head, T, head_dim)
         if cache is None:
             # training / full forward: the fused causal kernel (flash attention on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -98,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             # write this chunk's keys/values into the cache, attend over everything so far
             start, end = cache.length, cache.length + T
             kv = cache.kv[layer]
-            kv[0, :, :, start:end], kv[1, :, :, start:end] = k, v
+            kv[:, :, :, start:end] = qkv[1:]
             k, v = kv[:, :, :, :end]
             if T == 1:      # one new step sees every cached step: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
@@ -115,37 +97,40 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # ReLU squared: cheaper than GELU and learns faster in small-GPT speedruns (and here)
-        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(norm(x), cos, sin, cache, layer)
-        return x + self.mlp(norm(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
 
 
-def _linear(x, weight, residual=None):
-    """residual + x @ weight.T, for decode_step. weight is a tensor (the residual add then rides
-    along in the matmul: one addmm), or an (int8 weight, per-row scales) pair from _int8,
-    multiplied by the dequantizing kernel with bf16 activations."""
+def _linear(x, weight, bias=None, residual=None):
+    """residual + F.linear(x, weight, bias), for decode_step. weight is a tensor (the residual add
+    then rides along in the matmul: one addmm), or an (int8 weight, per-row scales) pair from
+    _int8, multiplied by the dequantizing kernel with bf16 activations."""
     if isinstance(weight, tuple):
         y = torch._weight_int8pack_mm(x.to(weight[1].dtype), *weight).to(x.dtype)
+        y = y if bias is None else y + bias
         return y if residual is None else residual + y
     if residual is None:
-        return F.linear(x, weight)
-    return torch.addmm(residual, x, weight.t())
+        return F.linear(x, weight, bias)
+    y = torch.addmm(residual, x, weight.t())
+    return y if bias is None else y + bias
 
 
 def _int8(weight):
@@ -171,34 +156,33 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         K, V = config.n_codebooks, config.codebook_size
-        if config.n_embd % (2 * config.n_head):
-            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of 2 * n_head ({config.n_head}): "
-                             "rotary embeddings turn pairs of channels of each head")
         # K embedding tables of V + 1 rows (the +1 is the special token), stored as one table so
         # that embedding a step is a single lookup: row = code + k * (V + 1)
         self.wte = nn.Embedding(K * (V + 1), config.n_embd)
         self.register_buffer("code_offsets", torch.arange(K).view(1, K, 1) * (V + 1), persistent=False)
-        cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
-        self.register_buffer("rotary_cos", cos, persistent=False)
-        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_heads = nn.Linear(config.n_embd, K * V, bias=False)  # K heads in one matmul
-        # N(0, 0.02) for embeddings and input projections; zero for every layer's output projection
-        # and the heads, so that each block starts as the identity and the first logits are
-        # uniform (loss = ln V exactly): the modded-nanogpt init, which learned faster here
+        # nanoGPT init: N(0, 0.02), residual projections scaled down by depth
+        self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") or name == "lm_heads.weight":
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.decode_weights = None  # decode_step's view of the weights, see prepare_decode
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; by default without the lookup tables (they cost no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel()
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
         return n
 
     def forward(self, codes, targets=None, cache=None, last_only=False):
@@ -209,15 +193,17 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} steps exceeds block_size {self.config.block_size}")
-        cos, sin = self.rotary_cos[start:start + T], self.rotary_sin[start:start + T]
-        x = self.drop(self.wte(codes + self.code_offsets).sum(1))   # (B, T, C)
+        pos = torch.arange(start, start + T, device=codes.device)
+        x = self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos)   # (B, T, C)
+        x = self.drop(x)
         for layer, block in enumerate(self.h):
-            x = block(x, cos, sin, cache, layer)
+            x = block(x, cache, layer)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_heads(norm(x)).view(B, x.shape[1], K, -1).transpose(1, 2)   # (B, K, T, V)
+        x = self.ln_f(x)
+        logits = self.lm_heads(x).view(B, x.shape[1], K, -1).transpose(1, 2)   # (B, K, T, V)
         loss = None
         if targets is not None:
             losses = codebook_losses(logits, targets, self.config.codebook_size)
@@ -266,26 +252,27 @@ class GPT(nn.Module):
         if self.decode_weights is None:
             self.prepare_decode()
         *layers, heads = self.decode_weights
-        D, cos, sin = C // H, self.rotary_cos[t], self.rotary_sin[t]
-        x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1)
+        x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
         for w, kv in zip(layers, cache.kv):
-            qkv = _linear(norm(x), w["attn.c_attn.weight"]).view(B, 3, H, 1, D)
-            q = rotate(norm(qkv[:, 0]), cos, sin)                        # (B, H, 1, D)
-            kv[0].narrow(2, t, 1).copy_(rotate(norm(qkv[:, 1]), cos, sin))  # this step's key and value
-            kv[1].narrow(2, t, 1).copy_(qkv[:, 2])
+            h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
+            qkv = _linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
+            kv.narrow(3, t, 1).copy_(qkv.narrow(0, 1, 2))  # this step's keys and values
             k, v = kv.narrow(3, 0, t + 1)
-            y = F.scaled_dot_product_attention(q, k, v).view(B, C)  # (B, H, 1, D) is (B, C) in memory
-            x = _linear(y, w["attn.c_proj.weight"], residual=x)
-            h = F.relu(_linear(norm(x), w["mlp.c_fc.weight"])).square()
-            x = _linear(h, w["mlp.c_proj.weight"], residual=x)
+            y = F.scaled_dot_product_attention(qkv[0], k, v).view(B, C)  # (B, H, 1, D) is (B, C) in memory
+            x = _linear(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
+            h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
+            h = F.gelu(_linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
+            x = _linear(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
         cache.advance(1)
-        return _linear(norm(x), heads["lm_heads.weight"]).view(B, K, -1)
+        x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
+        return _linear(x, heads["lm_heads.weight"]).view(B, K, -1)
 
     def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas):
-        """Muon for the blocks' weight matrices, AdamW for the code embeddings and the heads (see
-        optim.py). Each group remembers its initial_lr; the schedule scales them all alike."""
-        hidden = [p for block in self.h for p in block.parameters()]
-        rest = [self.wte.weight, self.lm_heads.weight]
+        """Muon for the blocks' weight matrices, AdamW for everything else: the code and position
+        embeddings, the heads, the LayerNorm weights (see optim.py). Each group remembers its
+        initial_lr; the schedule scales them all alike."""
+        hidden = [p for p in self.h.parameters() if p.dim() == 2]
+        rest = [p for p in self.parameters() if not any(p is h for h in hidden)]
         groups = [{"params": hidden, "muon": True, "lr": muon_lr, "initial_lr": muon_lr},
                   {"params": rest, "muon": False, "lr": learning_rate, "initial_lr": learning_rate}]
         return MuonAdamW(groups, betas=betas, weight_decay=weight_decay)

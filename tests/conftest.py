@@ -46,13 +46,3 @@ def token_corpus(tmp_path):
     write_token_corpus(data_dir, file_frames=[400, 300, 50], val_file_frames=[200])
     return str(data_dir)
 
-
-def with_random_weights(model, seed=0):
-    """The model with every weight drawn at random. A fresh model's output projections and heads
-    are zero (its logits are all equal), which would make tests of causality, caching and sampling
-    pass vacuously; a trained model's are not."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 if p.dim() < 2 or p is model.wte.weight else p.shape[1] ** -0.5)
-    return model

@@ -3,16 +3,14 @@ import math
 import pytest
 import torch
 
-from conftest import with_random_weights
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
 
 
 def tiny(K=8, block_size=64, dropout=0.0):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
-                          n_embd=32, dropout=dropout))
-    return with_random_weights(model).eval()
+    return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
+                         n_embd=32, dropout=dropout)).eval()
 
 
 def test_small_config_parameter_count():
@@ -20,14 +18,14 @@ def test_small_config_parameter_count():
     cfg = GPTConfig(block_size=2048, n_codebooks=8, codebook_size=1024, n_layer=6, n_head=8, n_embd=256)
     model = GPT(cfg)
     d = cfg.n_embd
-    per_layer = 12 * d * d                             # qkv + proj + 4x MLP (norms have no weights)
+    per_layer = 12 * d * d + 2 * d                     # qkv + proj + 4x MLP, two LayerNorm weights
     heads = cfg.n_codebooks * cfg.codebook_size * d
-    non_embedding = cfg.n_layer * per_layer + heads
-    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d   # rotary positions have no weights
+    non_embedding = cfg.n_layer * per_layer + d + heads  # + final LayerNorm
+    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d + cfg.block_size * d
     total = sum(p.numel() for p in model.parameters())
     print(f"config/small.py: {total:,} parameters, {model.get_num_params():,} non-embedding")
-    assert model.get_num_params() == non_embedding == 6_815_744
-    assert total == non_embedding + embeddings == 8_914_944
+    assert model.get_num_params() == non_embedding == 6_819_072
+    assert total == non_embedding + embeddings == 9_442_560
 
 
 @pytest.mark.parametrize("K", [1, 8])
@@ -111,12 +109,13 @@ def test_tiny_model_overfits_a_fixed_sequence():
 
 
 def test_optimizer_groups():
-    """Muon for exactly the blocks' weight matrices, AdamW for the embeddings and heads, nothing twice."""
+    """Muon for exactly the blocks' weight matrices, AdamW for the rest (embeddings, heads, LayerNorm
+    weights), nothing twice."""
     model = tiny()
     muon, adamw = model.configure_optimizers(1e-3, 0.02, 0.1, (0.9, 0.95)).param_groups
-    blocks = {id(p) for p in model.h.parameters()}
-    assert muon["muon"] and {id(p) for p in muon["params"]} == blocks
-    assert not adamw["muon"] and {id(p) for p in adamw["params"]} == {id(model.wte.weight), id(model.lm_heads.weight)}
+    matrices = {id(p) for p in model.h.parameters() if p.dim() == 2}
+    assert muon["muon"] and {id(p) for p in muon["params"]} == matrices
+    assert not adamw["muon"] and {id(p) for p in adamw["params"]} == {id(p) for p in model.parameters()} - matrices
     assert (muon["lr"], adamw["lr"]) == (0.02, 1e-3) and muon["weight_decay"] == adamw["weight_decay"] == 0.1
     assert len(muon["params"]) + len(adamw["params"]) == len(list(model.parameters()))
 

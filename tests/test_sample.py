@@ -7,7 +7,6 @@ import soundfile as sf
 import torch
 
 import sample
-from conftest import with_random_weights
 from nanosuno.audio import save_wav
 from nanosuno.checkpoint import save_checkpoint
 from nanosuno.codec import load_codec
@@ -20,9 +19,9 @@ V = 1024  # the codec's codebook size; the special token is V
 
 
 def tiny_model(K=4, block_size=64, codebook_size=V, seed=0):
-    model = GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=codebook_size, n_layer=2,
-                          n_head=2, n_embd=32))
-    return with_random_weights(model, seed).eval()
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=codebook_size, n_layer=2,
+                         n_head=2, n_embd=32)).eval()
 
 
 @pytest.fixture(scope="module")
