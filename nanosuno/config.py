@@ -6,13 +6,18 @@ One config system for prepare.py, train.py and sample.py (nanoGPT's habit, made 
 Defaults live in the `Config` dataclass below. A bare argument is a config file: plain Python
 assignments (`n_layer = 6`). `--key=value` overrides come after it and win. Every key is
 checked against the dataclass: unknown keys are rejected with the list of valid ones, values
-must match the field's type (ints are accepted for floats; `None` only where a field allows it).
-All three commands share the same keys, so one config file serves the whole pipeline; each
-command reads the ones it needs.
+must match the field's type (ints are accepted for floats; `None` only where a field allows it)
+and lie in the field's valid range (RULES below, and the cross-setting checks of check_together),
+with the range in the message. All three commands share the same keys, so one config file serves
+the whole pipeline; each command reads the ones it needs.
+
+Config files are Python and are executed (nanoGPT's convention): only run config files you trust.
 """
 import ast
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -46,6 +51,7 @@ class Config:
     bias: bool = False
     # --- training ---------------------------------------------------------------------------
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
+    overwrite: bool = False             # a scratch run may replace the checkpoint and log already in out_dir
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
@@ -83,6 +89,47 @@ class Config:
     int8_decode: bool = False           # int8 weights for each generated step: ~1.5x faster on CPU, approximate
 
 
+CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
+
+# The valid values of every setting that has limits: (the rule in words, test). Floats must also be
+# finite. check_value applies these to every value given; check_together checks settings that limit
+# each other. A value outside its range ends in one line: "setting 'x' must be <rule>, got <value>".
+RULES = {
+    "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "codec": ("None or one of " + ", ".join(CODEC_NAMES), lambda v: v is None or v in CODEC_NAMES),
+    "n_codebooks": ("in 1..8", lambda v: 1 <= v <= 8),
+    "n_layer": (">= 1", lambda v: v >= 1),
+    "n_head": (">= 1", lambda v: v >= 1),
+    "n_embd": (">= 1", lambda v: v >= 1),
+    "block_size": (">= 2", lambda v: v >= 2),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "init_from": ("'scratch' or 'resume'", lambda v: v in ("scratch", "resume")),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "gradient_accumulation_steps": (">= 1", lambda v: v >= 1),
+    "max_iters": (">= 1", lambda v: v >= 1),
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "min_lr": (">= 0", lambda v: v >= 0),
+    "warmup_iters": (">= 0", lambda v: v >= 0),
+    "lr_decay_iters": (">= 0", lambda v: v >= 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "grad_clip": (">= 0 (0 = off)", lambda v: v >= 0),
+    "eval_interval": (">= 1", lambda v: v >= 1),
+    "eval_iters": (">= 1", lambda v: v >= 1),
+    "log_interval": (">= 1", lambda v: v >= 1),
+    "device": ("auto, cpu, mps, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)),
+    "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
+    "seed": ("in 0..2**32-1", lambda v: 0 <= v < 2 ** 32),
+    "seconds": ("> 0", lambda v: v > 0),
+    "num_samples": (">= 1", lambda v: v >= 1),
+    "temperature": (">= 0 (0 = greedy)", lambda v: v >= 0),
+    "top_k": (">= 1", lambda v: v >= 1),
+    "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+    "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
+}
+
+
 def valid_keys():
     return [f.name for f in dataclasses.fields(Config)]
 
@@ -94,11 +141,23 @@ def _allowed_types(key):
 
 
 def check_value(key, value):
-    """Return value converted to the field's type, or raise UserError."""
+    """Return value converted to the field's type, or raise UserError when it is not of that type
+    or outside the field's valid range."""
     if key not in valid_keys():
         close = difflib.get_close_matches(key, valid_keys(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown setting '{key}'{hint}; valid settings: {', '.join(valid_keys())}")
+    value = _convert(key, value)
+    if isinstance(value, float) and not math.isfinite(value):
+        rule = f" {RULES[key][0]}" if key in RULES else ""
+        raise UserError(f"setting '{key}' must be a finite number{rule}, got {value}")
+    if value is not None and key in RULES and not RULES[key][1](value):
+        raise UserError(f"setting '{key}' must be {RULES[key][0]}, got {value!r}")
+    return value
+
+
+def _convert(key, value):
+    """value as the field's type (an int where a float is meant becomes a float), or UserError."""
     allowed = _allowed_types(key)
     if value is None and type(None) in allowed:
         return None
@@ -115,11 +174,28 @@ def check_value(key, value):
     raise UserError(f"setting '{key}' must be {names}, got {value!r} ({type(value).__name__})")
 
 
+def check_together(settings):
+    """Settings that limit each other (settings: a dict of some or all of them), in one line each."""
+    s = settings
+    if "n_embd" in s and "n_head" in s and s["n_embd"] % s["n_head"]:
+        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of n_head ({s['n_head']})")
+    if "block_size" in s and "n_codebooks" in s and s["block_size"] < s["n_codebooks"]:
+        # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
+        raise UserError(f"block_size ({s['block_size']}) must be at least n_codebooks ({s['n_codebooks']})")
+    if "min_lr" in s and "learning_rate" in s and s["min_lr"] > s["learning_rate"]:
+        raise UserError(f"min_lr ({s['min_lr']}) must not exceed learning_rate ({s['learning_rate']})")
+
+
 def _parse_literal(text):
-    """'3' -> 3, 'True' -> True, 'None' -> None, '1e-3' -> 0.001, anything else stays a string."""
+    """'3' -> 3, 'True' -> True, 'None' -> None, '1e-3' -> 0.001, 'nan' -> nan (then refused as not
+    finite, not as a string), anything else stays a string."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(text)
+    except ValueError:
         return text
 
 
@@ -130,7 +206,7 @@ def _read_config_file(path):
         raise UserError(f"cannot read config file {path}: {e.strerror}")
     namespace = {}
     try:
-        exec(compile(source, path, "exec"), namespace)  # config files are trusted Python, as in nanoGPT
+        exec(compile(source, path, "exec"), namespace)  # config files are Python, run as such (as in nanoGPT)
     except Exception as e:
         raise UserError(f"config file {path} failed: {type(e).__name__}: {e}")
     return {k: v for k, v in namespace.items()
@@ -164,11 +240,15 @@ def load_config(argv=(), **overrides):
                     raise UserError(f"{arg}: {e}")
     for key, value in overrides.items():
         settings[key] = check_value(key, value)
-    return Config(**settings)
+    cfg = Config(**settings)
+    check_together(dataclasses.asdict(cfg))
+    return cfg
 
 
 def settings_help():
     """Every setting with its default, for --help."""
-    lines = ["usage: python <prepare|train|sample>.py [config_file.py] [--key=value ...]", "", "settings (default):"]
+    lines = ["usage: python <prepare|train|sample>.py [config_file.py] [--key=value ...]", "",
+             "A config file is Python and is executed, as in nanoGPT: only run config files you trust.", "",
+             "settings (default):"]
     lines += [f"  --{f.name}={f.default!r}" for f in dataclasses.fields(Config)]
     return "\n".join(lines)

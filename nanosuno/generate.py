@@ -26,24 +26,21 @@ import torch
 import torch.nn.functional as F
 
 from nanosuno.common import UserError
+from nanosuno.config import check_value
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
 def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, seconds=None):
-    """Refuse settings that cannot sample, with the setting's name in one line. generate() checks its
-    arguments with this; sample.py calls it before it loads the codec or writes anything."""
-    if seconds is not None and not seconds > 0:
-        raise UserError(f"seconds must be > 0, got {seconds}")
-    if num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {num_samples}")
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 1 <= top_k <= codebook_size:
+    """Refuse settings that cannot sample, with the setting's name in one line: the ranges of the
+    config system (config.RULES), and top_k within the codebook. generate() checks its arguments
+    with this; sample.py calls it before it loads the codec or writes anything."""
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                  context_stride=context_stride, seconds=seconds)
+    for key, value in values.items():
+        if value is not None:
+            check_value(key, value)
+    if top_k > codebook_size:
         raise UserError(f"top_k must be between 1 and the codebook size {codebook_size}, got {top_k}")
-    if not 0 <= top_p <= 1:
-        raise UserError(f"top_p must be between 0 and 1 (0 = off), got {top_p}")
-    if not 0 < context_stride <= 1:
-        raise UserError(f"context_stride must be in (0, 1] (a fraction of block_size), got {context_stride}")
 
 
 @torch.no_grad()

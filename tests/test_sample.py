@@ -179,15 +179,15 @@ def test_prompt_continuation_through_sample_py(tmp_path, codec):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--seconds=0"], "seconds must be > 0"),
-    (["--seconds=-2"], "seconds must be > 0"),
-    (["--top_k=0"], "top_k must be between 1 and the codebook size 1024"),
+    (["--seconds=0"], "setting 'seconds' must be > 0, got 0.0"),
+    (["--seconds=-2"], "setting 'seconds' must be > 0"),
+    (["--top_k=0"], "setting 'top_k' must be >= 1, got 0"),
     (["--top_k=1025"], "top_k must be between 1 and the codebook size 1024"),
-    (["--top_p=1.5"], r"top_p must be between 0 and 1 \(0 = off\)"),
-    (["--top_p=-0.1"], r"top_p must be between 0 and 1 \(0 = off\)"),
-    (["--temperature=-1"], r"temperature must be >= 0"),
-    (["--num_samples=0"], r"num_samples must be at least 1"),
-    (["--context_stride=0"], r"context_stride must be in \(0, 1\]"),
+    (["--top_p=1.5"], r"setting 'top_p' must be in \[0, 1\] \(0 = off\)"),
+    (["--top_p=-0.1"], r"setting 'top_p' must be in \[0, 1\] \(0 = off\)"),
+    (["--temperature=-1"], r"setting 'temperature' must be >= 0"),
+    (["--num_samples=0"], r"setting 'num_samples' must be >= 1"),
+    (["--context_stride=0"], r"setting 'context_stride' must be in \(0, 1\]"),
     (["--codec=encodec_24khz"], "codec mismatch: .* was trained on untrained tokens but codec=encodec_24khz"),
     (["--prompt=PROMPT"], "bad.wav"),
     (["--prompt=MISSING"], "nope.wav"),
