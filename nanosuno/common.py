@@ -1,8 +1,13 @@
 """
-Small helpers every command shares: user errors, the command-line runner, atomic writes, and
-OpenMP's waiting policy.
+Small helpers every command shares: user errors, the command-line runner, safe writes (atomic,
+one line on a full disk), the one-run-per-folder lock, and OpenMP's waiting policy.
 """
+import contextlib
+import errno
+import fcntl
 import os
+import re
+import secrets
 import sys
 
 
@@ -11,28 +16,134 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a command's main(argv); a UserError ends it with one line on stderr and exit 2."""
+    """Run a command's main(argv); a UserError ends it with one line on stderr and exit 2. So does a
+    full disk or read-only file system met anywhere; any other exception is a bug and keeps its
+    traceback (exit 1)."""
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        error = write_error(e, e.filename) if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def write_error(e, path):
+    """The one line for an OSError met while writing `path`, or None when it is not the user's to fix."""
+    where = os.path.dirname(os.path.abspath(path)) if path else "the device"
+    if e.errno == errno.ENOSPC:
+        return UserError(f"no space left on {where}")
+    if e.errno == errno.EDQUOT:
+        return UserError(f"disk quota exceeded on {where}")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: permission denied")
+    if e.errno == errno.EROFS:
+        return UserError(f"cannot write {path}: read-only file system")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around code that writes `path`: a full disk or a missing permission becomes one line."""
+    try:
+        yield
+    except OSError as e:
+        error = write_error(e, path)
+        if error is None:
+            raise
+        raise error from e
+
+
+def temp_path(path):
+    """A temporary name next to path, unique to this process and call (name.tmp-PID-random), so
+    that two writers never share one; remove_stale_temporaries() recognises it."""
+    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+TEMPORARY = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")   # (older runs wrote name.tmp-PID)
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto path: an interrupted run never leaves a truncated
     file where a good one stood."""
-    path = str(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    atomic_write_set([(path, write)])
+
+
+def atomic_write_bytes(path, data):
+    """atomic_write of bytes made in memory, written with Python's own file I/O (so that a full
+    disk is an OSError that says so, not a library's "System error")."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def atomic_write_set(outputs):
+    """Write files that belong together: each (path, write) pair's write(tmp) fills a temporary
+    file next to path, and only once all of them are complete are they renamed onto their paths,
+    in the order given. A failed or interrupted run leaves the old files as they were. A crash
+    between two renames leaves a mix of old and new: put last the file that describes the others,
+    and let it say which files it describes (meta.json does, see data.py)."""
+    temps = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in outputs:
+            temps.append(temp_path(str(path)))
+            with writing(path):
+                write(temps[-1])
+        for (path, _), tmp in zip(outputs, temps):
+            with writing(path):
+                os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+@contextlib.contextmanager
+def lock_folder(folder, setting):
+    """Hold folder's lock (folder/.lock, created with the folder if needed) for the duration of the
+    `with`, so that two runs never write the same files; `setting` names the folder's setting for
+    the message. The lock is an exclusive flock: the OS releases it when its process ends, however
+    it ends, so a killed run leaves no stale lock. The holder's pid is written into the file for
+    the second run's message. Taking the lock also removes the temporary files that killed runs
+    left in the folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{setting} {folder} is not a folder")
+    path = os.path.join(folder, ".lock")
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, "a+")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(f"{setting} {folder} is in use by another run (pid {holder}): wait for it to "
+                            f"end, or use another {setting}")
+        with writing(path):
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        remove_stale_temporaries(folder)
+        yield
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files (name.tmp-PID-...) that killed runs left in folder (not in its
+    subfolders). Call it holding the folder's lock: every writer there holds that lock, so each
+    temporary file found is older than the lock, left by a run that has ended."""
+    for entry in os.scandir(folder):
+        if TEMPORARY.search(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
 
 
 def passive_openmp():

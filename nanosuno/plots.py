@@ -1,11 +1,13 @@
 """Pictures people would rather look at than read: loss curves and spectrograms (matplotlib, no display needed)."""
+import io
 import json
-import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from nanosuno.common import atomic_write_bytes  # noqa: E402
 
 
 def save_loss_plot(log_path, png_path):
@@ -40,10 +42,7 @@ def save_loss_plot(log_path, png_path):
     ax_cb.set(xlabel="iteration", ylabel="cross-entropy (nats)", title=key.replace("_", " ").replace("losses", "loss"))
     ax_cb.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{png_path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_png(fig, png_path, dpi=100)
 
 
 def save_spectrogram(path, waveform, sample_rate, title=""):
@@ -62,5 +61,12 @@ def save_spectrogram(path, waveform, sample_rate, title=""):
     ax.set(xlabel="seconds", ylabel="kHz", title=title)
     fig.colorbar(image, ax=ax, label="dB")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_png(fig, path, dpi=80)
+
+
+def save_png(fig, path, dpi):
+    """Write a figure as PNG (made in memory, then atomic_write_bytes) and close it."""
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=dpi)
     plt.close(fig)
+    atomic_write_bytes(path, image.getbuffer())
