@@ -5,24 +5,32 @@ prepare.py writes, into data_dir:
   train.bin, val.bin  uint16, frame-major [frames, 8]: a time crop is one contiguous slice; all
                       files of a split are concatenated.
   meta.json           format_version, codec, sample_rate, frame_rate, bandwidth, n_codebooks,
-                      codebook_size, dtype, and per split its frames and source files:
-                      {"splits": {"train": {"frames": N, "files": [{"path", "offset", "frames"}]}}};
+                      codebook_size, dtype, and per split its frames, the .bin's size and content
+                      fingerprint, and its source files:
+                      {"splits": {"train": {"frames": N, "bytes": B, "fingerprint": "...",
+                                            "files": [{"path", "offset", "frames"}]}}};
                       and "baselines": per codebook the val cross-entropy of simple token
                       statistics fitted on train (nanosuno/baselines.py), or None without val.
 JSON, never pickle. The per-file offsets keep training windows inside one recording.
+
+Everything read from disk is checked once, on load: read_meta checks meta.json's structure and
+numbers, open_split checks that the .bin is the one meta.json describes (a crash of prepare.py
+between its renames, or another run's files, would otherwise train on the wrong windows). A
+problem ends in one line naming it and "run prepare.py again".
 """
 import hashlib
 import json
 import os
+import stat
 
 import numpy as np
 import torch
 
 from nanosuno.baselines import baseline_losses
-from nanosuno.common import UserError, atomic_write
+from nanosuno.common import UserError, atomic_write_set
 from nanosuno.pattern import delay_interleave
 
-META_VERSION = 1
+META_VERSION = 2          # 2: each split records its .bin's size and fingerprint
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
 
@@ -39,49 +47,102 @@ def codec_info(meta, n_codebooks):
     return {"name": meta["codec"], **info, "n_codebooks": n_codebooks}
 
 
-def add_baselines(data_dir, meta):
+def add_baselines(meta, tokens):
     """meta["baselines"]: the simple baselines' val cross-entropy per codebook (see baselines.py),
-    the yardstick train.py shows every evaluation against; None when the val split is empty."""
+    the yardstick train.py shows every evaluation against; None when the val split is empty.
+    tokens: {split: its [frames, n_codebooks] codes} (write_tokens maps the new files)."""
     splits = meta["splits"]
     if not splits["train"]["frames"] or not splits["val"]["frames"]:
         meta["baselines"] = None
         return meta
-    meta["baselines"] = baseline_losses(open_split(data_dir, meta, "train"), splits["train"]["files"],
-                                        open_split(data_dir, meta, "val"), splits["val"]["files"],
-                                        meta["codebook_size"])
+    meta["baselines"] = baseline_losses(tokens["train"], splits["train"]["files"], tokens["val"],
+                                        splits["val"]["files"], meta["codebook_size"])
     return meta
 
 
-def write_meta(data_dir, meta):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.write("\n")
-    atomic_write(os.path.join(data_dir, "meta.json"), write)
-
-
 def read_meta(data_dir):
+    """meta.json of data_dir, checked (check_meta)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise UserError(f"no {path}: run prepare.py first (python prepare.py --data_dir={data_dir})")
     try:
         with open(path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path} ({e}): run prepare.py again")
-    if meta.get("format_version") != META_VERSION:
-        raise UserError(f"{path} has format version {meta.get('format_version')}, this nanosuno reads "
+    if not isinstance(meta, dict) or meta.get("format_version") != META_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise UserError(f"{path} has format version {version}, this nanosuno reads "
                         f"version {META_VERSION}: run prepare.py again")
+    problem = check_meta(meta)
+    if problem:
+        raise UserError(f"{path} is inconsistent: {problem}; run prepare.py again")
     return meta
 
 
+def check_meta(meta):
+    """What is wrong with a meta.json's contents (types, ranges, the splits' frame counts and file
+    offsets adding up), or None."""
+    def integer(value, low):
+        return type(value) is int and value >= low   # (a bool is not a count)
+    for key, low in (("sample_rate", 1), ("frame_rate", 1), ("n_codebooks", 1), ("codebook_size", 1)):
+        if not integer(meta.get(key), low):
+            return f"{key} is {meta.get(key)!r}, not an integer >= {low}"
+    if meta["codebook_size"] > np.iinfo(TOKEN_DTYPE).max + 1:
+        return f"codebook_size {meta['codebook_size']} does not fit the token type {meta.get('dtype')}"
+    if not isinstance(meta.get("codec"), str) or meta.get("dtype") != "uint16":
+        return f"codec {meta.get('codec')!r} or dtype {meta.get('dtype')!r} is not a name of this nanosuno"
+    if not isinstance(meta.get("bandwidth"), (int, float)) or not isinstance(meta.get("splits"), dict):
+        return "bandwidth or splits missing"
+    frame_bytes = meta["n_codebooks"] * np.dtype(TOKEN_DTYPE).itemsize
+    for split in SPLITS:
+        info = meta["splits"].get(split)
+        if not isinstance(info, dict) or not integer(info.get("frames"), 0) or not isinstance(info.get("files"), list):
+            return f"split {split} lacks its frames or files"
+        if info.get("bytes") != info["frames"] * frame_bytes or not isinstance(info.get("fingerprint"), str):
+            return (f"split {split}: {info['frames']} frames of {frame_bytes} bytes are not the "
+                    f"{info.get('bytes')!r} bytes it records, or its fingerprint is missing")
+        offset = 0
+        for i, f in enumerate(info["files"]):
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not integer(f.get("frames"), 1):
+                return f"split {split}, file {i}: no path or no frames"
+            if f.get("offset") != offset:
+                return f"split {split}, file {f['path']}: offset {f.get('offset')!r}, expected {offset}"
+            offset += f["frames"]
+        if offset != info["frames"]:
+            return f"split {split}: its files hold {offset} frames, not {info['frames']}"
+    return None
+
+
+def fingerprint(f):
+    """A short fingerprint of an open token file's contents: its size and 17 evenly spaced 4 KiB
+    blocks. Cheap on any size, and two token files of the same length differ in it as good as
+    surely (codes of different audio or codecs differ everywhere)."""
+    size = os.fstat(f.fileno()).st_size
+    digest = hashlib.sha256(str(size).encode())
+    for i in range(17):
+        f.seek(i * max(0, size - 4096) // 16)
+        digest.update(f.read(4096))
+    return digest.hexdigest()[:16]
+
+
 def open_split(data_dir, meta, split):
-    """Memory-map a split as [frames, n_codebooks] uint16 (None when the split is empty)."""
-    frames = meta["splits"][split]["frames"]
-    if frames == 0:
+    """Memory-map a split as [frames, n_codebooks] uint16 (None when the split is empty), after
+    checking that the .bin is the one meta.json describes (size and fingerprint of the very file
+    mapped)."""
+    info = meta["splits"][split]
+    if info["frames"] == 0:
         return None
     path = os.path.join(data_dir, f"{split}.bin")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(frames, meta["n_codebooks"]))
+    if not os.path.exists(path) or not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{path} is missing or not a file: run prepare.py again")
+    with open(path, "rb") as f:
+        size, found = os.fstat(f.fileno()).st_size, fingerprint(f)
+        if size != info["bytes"] or found != info["fingerprint"]:
+            raise UserError(f"{path} ({size} bytes) is not the file that meta.json describes ({info['bytes']} "
+                            f"bytes{', other contents' if size == info['bytes'] else ''}): a prepare.py run was "
+                            f"interrupted or another one wrote it; run prepare.py again")
+        return np.memmap(f, dtype=TOKEN_DTYPE, mode="r", shape=(info["frames"], meta["n_codebooks"]))
 
 
 class Batches:
@@ -140,16 +201,45 @@ def assign_splits(names, val_fraction):
     return {name: "val" if name in val else "train" for name in names}
 
 
-def write_split(path, code_arrays):
-    """Write (n_codebooks, frames) code arrays one after the other as a frame-major uint16 file,
-    through a temporary name; returns the number of frames. Holds one array at a time."""
-    frames = 0
+def write_tokens(data_dir, meta, sources):
+    """Write train.bin, val.bin and meta.json as one set: all three under temporary names first,
+    then renamed, meta.json last (atomic_write_set), so that a failed run leaves the old set valid
+    and a crash between renames is caught by open_split. sources: {split: iterable of (file entry,
+    codes (n_codebooks, frames))}; each entry ({"path": ...}) gets its offset and frames. Holds one
+    file's codes at a time. Returns meta with its splits and baselines filled in."""
+    written = {}   # split: its temporary file
 
-    def write(tmp):
-        nonlocal frames
-        with open(tmp, "wb") as f:
-            for codes in code_arrays:
-                f.write(np.ascontiguousarray(codes.T, dtype=TOKEN_DTYPE).tobytes())
-                frames += codes.shape[1]
-    atomic_write(path, write)
-    return frames
+    def split_writer(split):
+        def write(tmp):
+            files, written[split] = [], tmp
+
+            def code_arrays():
+                offset = 0
+                for entry, codes in sources[split]:
+                    files.append({**entry, "offset": offset, "frames": codes.shape[1]})
+                    offset += codes.shape[1]
+                    yield codes
+            meta["splits"][split] = {**_write_split(tmp, code_arrays()), "files": files}
+        return write
+
+    def write_meta(tmp):
+        add_baselines(meta, {split: np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(info["frames"], meta["n_codebooks"]))
+                             for split, path in written.items() if (info := meta["splits"][split])["frames"]})
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+    outputs = [(os.path.join(data_dir, f"{split}.bin"), split_writer(split)) for split in SPLITS]
+    atomic_write_set(outputs + [(os.path.join(data_dir, "meta.json"), write_meta)])
+    return meta
+
+
+def _write_split(path, code_arrays):
+    """Write (n_codebooks, frames) code arrays one after the other as a frame-major uint16 file;
+    returns its meta.json entry but the files: frames, bytes, fingerprint."""
+    frames = 0
+    with open(path, "w+b") as f:
+        for codes in code_arrays:
+            f.write(np.ascontiguousarray(codes.T, dtype=TOKEN_DTYPE).tobytes())
+            frames += codes.shape[1]
+        f.flush()
+        return {"frames": frames, "bytes": f.tell(), "fingerprint": fingerprint(f)}

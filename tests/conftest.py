@@ -13,31 +13,26 @@ import numpy as np
 import torch
 import pytest
 
-from nanosuno.data import add_baselines, new_meta, write_meta
+from nanosuno.data import new_meta, write_tokens
 
 
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
-                       codec="untrained", seed=0):
-    """Write train.bin/val.bin/meta.json as prepare.py would, from learnable synthetic codes: each
-    file repeats a short random phrase, and codebook k > 0 is a fixed function of codebook 0."""
+                       codec="untrained", seed=0, codes_of=None):
+    """Write train.bin/val.bin/meta.json as prepare.py does, from learnable synthetic codes: each
+    file repeats a short random phrase, and codebook k > 0 is a fixed function of codebook 0.
+    codes_of(split, i, frames) -> (n_codebooks, frames) replaces them."""
     rng = np.random.default_rng(seed)
     os.makedirs(data_dir, exist_ok=True)
     meta = new_meta({"name": codec, "sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0,
                      "n_codebooks": n_codebooks, "codebook_size": codebook_size})
-    for split, lengths in (("train", file_frames), ("val", val_file_frames)):
-        chunks, files, offset = [], [], 0
-        for i, frames in enumerate(lengths):
-            phrase = rng.integers(0, codebook_size, size=12)
-            base = np.resize(phrase, frames)
-            codes = np.stack([(base * (k + 1) + 7 * k) % codebook_size for k in range(n_codebooks)], axis=1)
-            chunks.append(codes.astype(np.uint16))
-            files.append({"path": f"{split}_{i}.wav", "offset": offset, "frames": frames})
-            offset += frames
-        data = np.concatenate(chunks) if chunks else np.zeros((0, n_codebooks), np.uint16)
-        data.tofile(os.path.join(data_dir, f"{split}.bin"))
-        meta["splits"][split] = {"frames": offset, "files": files}
-    write_meta(data_dir, add_baselines(data_dir, meta))
-    return meta
+
+    def phrases(split, frames):
+        base = np.resize(rng.integers(0, codebook_size, size=12), frames)
+        return np.stack([(base * (k + 1) + 7 * k) % codebook_size for k in range(n_codebooks)])
+    codes_of = codes_of or (lambda split, i, frames: phrases(split, frames))
+    sources = {split: [({"path": f"{split}_{i}.wav"}, codes_of(split, i, frames)) for i, frames in enumerate(lengths)]
+               for split, lengths in (("train", file_frames), ("val", val_file_frames))}
+    return write_tokens(str(data_dir), meta, sources)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -103,12 +104,8 @@ def test_short_files_are_used_and_padded(tmp_path):
 def test_batches_stay_inside_one_file_and_pad_with_special(tmp_path):
     from nanosuno.data import Batches, read_meta
     data = tmp_path / "tokens"
-    # file i holds only code i in every codebook: a window mixing files would mix codes
-    meta = write_token_corpus(data, file_frames=[40, 5, 40])
-    tokens = torch.zeros(85, 8, dtype=torch.int64)
-    for i, (start, n) in enumerate([(0, 40), (40, 5), (45, 40)]):
-        tokens[start:start + n] = i + 1
-    tokens.numpy().astype("uint16").tofile(data / "train.bin")
+    # file i holds only code i + 1 in every codebook: a window mixing files would mix codes
+    meta = write_token_corpus(data, file_frames=[40, 5, 40], codes_of=lambda split, i, frames: np.full((8, frames), i + 1))
     batches = Batches(str(data), read_meta(str(data)), "train", n_codebooks=8, block_size=16)
     x, y = batches.sample(64)
     assert x.shape == y.shape == (64, 8, 16)
