@@ -6,12 +6,16 @@ Turn a folder of music into the token files that train.py reads:
 Every audio file under input_dir (wav, flac, ogg, mp3; any sample rate, any channels) is mixed to
 mono, resampled to 24 kHz and encoded by the codec (None = the pretrained encodec_24khz) into 8
 codebooks x 75 frames per second. Files go to train or val by a hash of their path
-(data.assign_splits) and end up in data_dir as train.bin, val.bin and meta.json (see data.py).
+(data.assign_splits) and end up in data_dir as train.bin, val.bin and meta.json (see data.py):
+a new set replaces the old one only once it is complete, so a failed run leaves the old set usable.
+One run at a time writes into a data_dir (a lock; a second run is told the first one's pid).
 
 Each file's codes are cached in data_dir/cache/, keyed by the file (path, size, modification time)
 and the codec, so a re-run encodes only new or changed files and an interrupted run resumes where
-it stopped. A file that cannot be used is reported and skipped; the rest is still prepared. With
-the default input_dir and no audio in it, a synthetic demo corpus is written there first.
+it stopped. A file that cannot be used (unreadable, truncated, NaN/inf samples, not a regular file)
+is reported and skipped, never opened when it could block (a named pipe); the rest is still
+prepared. With the default input_dir and no audio in it, a synthetic demo corpus is written there
+first.
 """
 from nanosuno.common import passive_openmp
 
@@ -30,9 +34,9 @@ from tqdm import tqdm
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, atomic_write, run_cli
+from nanosuno.common import UserError, atomic_write, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
-from nanosuno.data import add_baselines, SPLITS, assign_splits, new_meta, write_meta, write_split
+from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
 from nanosuno.hardware import pick_device
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent
@@ -40,13 +44,19 @@ SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is no
 
 def main(argv):
     cfg = load_config(argv)
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"val_fraction must be at least 0 and below 1, got {cfg.val_fraction}")
     skipped = []  # (path, reason) of everything left out
     paths = find_corpus(cfg.input_dir, skipped)
+    with lock_folder(cfg.data_dir, "data_dir"):  # one run at a time writes into data_dir
+        prepare_tokens(cfg, paths, skipped)
+
+
+def prepare_tokens(cfg, paths, skipped):
+    """Encode the files not cached yet, write the token files and report."""
     codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device=pick_device(cfg.device))
     cache_dir = os.path.join(cfg.data_dir, "cache")
-    os.makedirs(cache_dir, exist_ok=True)
+    with writing(cache_dir):
+        os.makedirs(cache_dir, exist_ok=True)
+    remove_stale_temporaries(cache_dir)
     cache = {path: cache_path(cache_dir, path, codec) for path in paths}
     todo = [path for path in paths if not os.path.exists(cache[path])]
     print(f"preparing {len(paths)} audio file(s) from {cfg.input_dir} with codec {codec.name} "
@@ -62,7 +72,7 @@ def main(argv):
                         f"were skipped (reasons above)")
     names = {path: os.path.relpath(path, cfg.input_dir).replace(os.sep, "/") for path in kept}
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
-    meta = write_tokens(cfg.data_dir, kept, names, split_of, cache, codec)
+    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, cache))
 
     splits = meta["splits"]
     seconds = sum(s["frames"] for s in splits.values()) / codec.frame_rate
@@ -170,29 +180,13 @@ def save_codes(path, codes):
     atomic_write(path, write)
 
 
-def write_tokens(data_dir, kept, names, split_of, cache, codec):
-    """Write train.bin, val.bin, then meta.json; returns the meta. The old meta.json goes first, so
-    an interrupted run leaves no meta.json rather than one that describes other token files."""
-    meta = new_meta(codec.info())
-    if os.path.exists(os.path.join(data_dir, "meta.json")):
-        os.remove(os.path.join(data_dir, "meta.json"))
-    for split in SPLITS:
-        files = []
-
-        def code_arrays():
-            offset = 0
-            for path in kept:
-                if split_of[names[path]] == split:
-                    codes = np.load(cache[path], allow_pickle=False)
-                    files.append({"path": names[path], "offset": offset, "frames": codes.shape[1]})
-                    offset += codes.shape[1]
-                    yield codes
-
-        frames = write_split(os.path.join(data_dir, f"{split}.bin"), code_arrays())
-        meta["splits"][split] = {"frames": frames, "files": files}
-    add_baselines(data_dir, meta)
-    write_meta(data_dir, meta)
-    return meta
+def token_sources(kept, names, split_of, cache):
+    """For data.write_tokens: per split, each kept file's entry and cached codes, read one at a time."""
+    def source(split):
+        for path in kept:
+            if split_of[names[path]] == split:
+                yield {"path": names[path]}, np.load(cache[path], allow_pickle=False)
+    return {split: source(split) for split in SPLITS}
 
 
 if __name__ == "__main__":

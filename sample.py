@@ -8,22 +8,28 @@ Generate music with a trained model and write it as audio.
 Writes into sample_dir (default out_dir/samples): sample_000.wav, ... (24 kHz mono), a spectrogram
 PNG per sample, and index.html to listen to them in a browser. The model's shape and codec come
 from the checkpoint; `seconds` is the length of the new music (the prompt comes on top of it).
+Only the end of a long prompt is read (what the model's context continues); a request that cannot
+fit in memory is refused before anything is allocated; one run at a time writes into a sample_dir.
 """
 import html
+import math
 import os
 import time
 
 import torch
 from tqdm import tqdm
 
-from nanosuno.audio import load_audio, save_wav
+from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, run_cli
+from nanosuno.common import UserError, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.generate import check_sampling, generate, prompt_frames_used
 from nanosuno.hardware import pick_device, pick_dtype
 from nanosuno.plots import save_spectrogram
+
+# memory per sample of a decoded piece, while its WAV and spectrogram are made (check_memory)
+AUDIO_BYTES_PER_SAMPLE = 64
 
 
 class StepsBar(tqdm):
@@ -44,28 +50,53 @@ class StepsBar(tqdm):
 
 
 def load_prompt(cfg, codec, model):
-    """The prompt WAV as codes (K, frames) with the checkpoint's codec, and a note on what generate()
-    will use of it."""
+    """The end of the prompt file that generate() continues (prompt_frames_used), as codes (K,
+    frames) with the checkpoint's codec, and a note on what is used. Only that end is read and
+    encoded, with a second of audio before it that warms up the causal codec (whose codes are
+    dropped), however long the file is."""
     try:
-        waveform = load_audio(cfg.prompt, sample_rate=codec.sample_rate)
+        with open_audio(cfg.prompt) as f:
+            frames = math.ceil(f.frames / f.samplerate * codec.frame_rate)   # the whole prompt's
+        used = prompt_frames_used(model, frames, cfg.context_stride)
+        start = max(0, frames - used - codec.context)
+        waveform = load_audio(cfg.prompt, codec.sample_rate, start_seconds=start / codec.frame_rate)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"cannot read prompt {cfg.prompt} ({type(e).__name__}: {e}); give a WAV, FLAC, OGG or MP3 file")
-    if waveform.numel() < codec.sample_rate / codec.frame_rate:
+    if waveform.numel() < codec.hop_length:
         raise UserError(f"prompt {cfg.prompt} is shorter than one codec frame; give at least a fraction of a second")
-    prompt = codec.encode(waveform)[:model.config.n_codebooks]
-    note = f"{cfg.prompt} ({prompt.shape[1] / codec.frame_rate:.1f} s)"
-    used = prompt_frames_used(model, prompt.shape[1], cfg.context_stride)
-    if used < prompt.shape[1]:
+    prompt = codec.encode(waveform)[:model.config.n_codebooks, -used:]
+    note = f"{cfg.prompt} ({frames / codec.frame_rate:.1f} s)"
+    if used < frames:
         note += f", last {used / codec.frame_rate:.1f} s used"
         print(f"prompt {cfg.prompt} is longer than the model's context: continuing its last {used / codec.frame_rate:.1f} s")
     return prompt, note
 
 
+def check_memory(model, codec_info, new_frames, num_samples, prompt):
+    """Refuse a request that cannot fit in this machine's memory, before anything is allocated, with
+    the limit in the message. Estimated: the KV cache and one prefill's activations (grow with
+    num_samples), the codes (grow with length x num_samples) and, one piece at a time, its decoded
+    audio, WAV and spectrogram (grow with length)."""
+    cfg, B = model.config, num_samples
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fixed = B * cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
+                                  + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
+    per_frame = 3 * 8 * B * cfg.n_codebooks + AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / codec_info["frame_rate"]
+    frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
+    need = fixed + per_frame * frames
+    if need <= ram:
+        return
+    gib = lambda n: f"{n / 2 ** 30:,.1f} GiB"
+    limit = (f"at most about {(ram - fixed) / per_frame / codec_info['frame_rate']:,.0f} s per sample with "
+             f"num_samples={B}" if fixed < ram else f"at most about {ram // (fixed // B)} samples at a time")
+    raise UserError(f"{new_frames / codec_info['frame_rate']:,.0f} s x {B} sample(s) need about {gib(need)} of memory "
+                    f"(KV cache, codes, decoded audio), more than this machine's {gib(ram)}: {limit}")
+
+
 def write_samples(sample_dir, codes, codec, seed):
     """Decode each piece and write its WAV and spectrogram; returns the names written."""
-    os.makedirs(sample_dir, exist_ok=True)
     names = []
     for i in range(codes.shape[0]):   # one at a time: a long piece's decoder activations are large
         name = f"sample_{i:03d}"
@@ -86,8 +117,7 @@ def write_index(path, names, settings, warning):
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
             f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno samples</h1>\n{warn}"
             f"<table>{rows}</table>\n{items}</body></html>\n")
-    with open(path, "w") as f:
-        f.write(page)
+    atomic_write_bytes(path, page.encode())
 
 
 def main(argv):
@@ -105,6 +135,8 @@ def main(argv):
     # generate() checks these too; here they fail before the codec loads and anything is written
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
                    cfg.context_stride, cfg.seconds)
+    new_frames = max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
+    check_memory(model, ckpt["codec"], new_frames, cfg.num_samples, cfg.prompt)
     codec = load_codec(ckpt["codec"]["name"], cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
     warning = ""
@@ -113,24 +145,24 @@ def main(argv):
         print(f"*** {warning} ***")
 
     prompt, prompt_note = load_prompt(cfg, codec, model) if cfg.prompt else (None, "none")
-    new_frames = max(1, round(cfg.seconds * codec.frame_rate))
 
-    t0 = time.perf_counter()
-    with StepsBar(cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
-        codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
-                         cfg.num_samples, cfg.seed, cfg.context_stride, progress=bar)
-    steps, t1 = bar.total, time.perf_counter()
     sample_dir = cfg.sample_dir or os.path.join(cfg.out_dir, "samples")
-    codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
-    names = write_samples(sample_dir, codes, codec, cfg.seed)
-    t2 = time.perf_counter()
-    settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
-                "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
-                "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
-                "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
-                "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
-                "device": f"{device}, {str(dtype).removeprefix('torch.')}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_index(os.path.join(sample_dir, "index.html"), names, settings, warning)
+    with lock_folder(sample_dir, "sample_dir"):  # one run at a time writes into sample_dir
+        t0 = time.perf_counter()
+        with StepsBar(cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
+            codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
+                             cfg.num_samples, cfg.seed, cfg.context_stride, progress=bar)
+        steps, t1 = bar.total, time.perf_counter()
+        codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
+        names = write_samples(sample_dir, codes, codec, cfg.seed)
+        t2 = time.perf_counter()
+        settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
+                    "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
+                    "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
+                    "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
+                    "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
+                    "device": f"{device}, {str(dtype).removeprefix('torch.')}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_index(os.path.join(sample_dir, "index.html"), names, settings, warning)
 
     new_seconds = cfg.num_samples * new_frames / codec.frame_rate
     print(f"wrote {len(names)} x {codes.shape[-1] / codec.frame_rate:.1f} s to "

@@ -6,12 +6,16 @@ Train the transformer on the token files that prepare.py wrote.
     torchrun --standalone --nproc_per_node=8 train.py config/small.py   # DDP on one node
 
 Writes out_dir/ckpt.pt (resume with --init_from=resume), out_dir/log.jsonl and out_dir/loss.png.
+A scratch run refuses an out_dir that holds a checkpoint unless --overwrite=True, and even then
+replaces the old files only once its settings, data and model are checked. One run at a time per
+out_dir (a lock).
 """
 import dataclasses
 import html
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -23,9 +27,10 @@ from tqdm import tqdm
 
 from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
-from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, save_checkpoint
+from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
+                                 save_checkpoint)
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, atomic_write, run_cli
+from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import load_config
 from nanosuno.data import Batches, codec_info, read_meta
 from nanosuno.generate import generate
@@ -90,7 +95,8 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
     differ only by what the model learned) -> out_dir/progress/iter_NNNNNN.wav + spectrogram, and
     progress/index.html lists every one in the folder, newest first: listen to the model improve."""
     folder = os.path.join(cfg.out_dir, "progress")
-    os.makedirs(folder, exist_ok=True)
+    with writing(folder):
+        os.makedirs(folder, exist_ok=True)
     model.eval()
     codes = generate(model, round(PROGRESS_SECONDS * codec.frame_rate), seed=cfg.seed)[0]
     model.train()
@@ -107,11 +113,7 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
             f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
             f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
             f"{items}</body></html>\n")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(page)
-    atomic_write(os.path.join(folder, "index.html"), write)
+    atomic_write_bytes(os.path.join(folder, "index.html"), page.encode())
 
 
 def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
@@ -185,30 +187,40 @@ def build_model(cfg, proc, data):
     # the model's shape: GPTConfig's fields from the settings, except the codebook size (the data's)
     model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "codebook_size"}
     model_args["codebook_size"] = data.meta["codebook_size"]
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    iter_num, best_val_loss, ckpt, path = 0, float("inf"), None, checkpoint_path(cfg.out_dir)
+    if cfg.init_from == "scratch" and os.path.exists(path) and not cfg.overwrite:
+        raise UserError(f"{path} exists: continue that run with --init_from=resume, or start from scratch "
+                        f"with --overwrite=True (replaces its checkpoint, log and progress samples)")
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(cfg.out_dir, proc.device)
+        ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
         check_codec(data.codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
         changed = [f"{k} {ckpt['model_args'][k]} -> {v}" for k, v in model_args.items()
                    if k != "dropout" and ckpt["model_args"].get(k) != v]
         if changed:
-            raise UserError(f"cannot resume {checkpoint_path(cfg.out_dir)} with another model shape "
+            raise UserError(f"cannot resume {path} with another model shape "
                             f"({', '.join(changed)}); use the settings it was trained with, or another out_dir")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if iter_num >= cfg.max_iters:
+            raise UserError(f"{path} has already trained {iter_num} iterations, max_iters is {cfg.max_iters}: "
+                            f"raise --max_iters to train on")
     model = GPT(GPTConfig(**model_args))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt)
     model.to(proc.device)
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if proc.world == 1:
-            data.train.generator.set_state(ckpt["rng"]["batches"])
-        else:  # each rank had its own stream; give each a fresh, distinct one (resume is exact for 1 process)
-            data.train.generator.manual_seed(cfg.seed + proc.rank + 1000 * iter_num)
-        if proc.device_type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if proc.world == 1:
+                data.train.generator.set_state(ckpt["rng"]["batches"])
+            else:  # each rank had its own stream; give each a fresh, distinct one (resume is exact for 1 process)
+                data.train.generator.manual_seed(cfg.seed + proc.rank + 1000 * iter_num)
+            if proc.device_type == "cuda" and ckpt["rng"].get("cuda"):
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise UserError(f"cannot resume {path}: its optimizer or random states do not fit this model "
+                            f"({type(e).__name__}: {e}); train again or point out_dir elsewhere")
     return model, optimizer, iter_num, best_val_loss
 
 
@@ -229,9 +241,14 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
     peak = peak_flops(proc.device, proc.dtype if proc.dtype != torch.float16 else torch.float32) if master else None
     log_path, plot_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png")
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.init_from == "scratch" and os.path.exists(log_path):
-            os.remove(log_path)
+        progress = os.path.join(cfg.out_dir, "progress")
+        if cfg.init_from == "scratch":  # settings, data and model are checked: now replace an old run
+            for old in (log_path, plot_path, checkpoint_path(cfg.out_dir)):
+                if os.path.exists(old):
+                    os.remove(old)
+            shutil.rmtree(progress, ignore_errors=True)
+        elif os.path.isdir(progress):
+            remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
               f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
               f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
@@ -240,7 +257,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
               f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration")
 
     def log(record):
-        with open(log_path, "a") as f:
+        with writing(log_path), open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def checkpoint():
@@ -326,12 +343,12 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
 
 def main(argv):
     cfg = load_config(argv)
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
     proc = setup_processes(cfg)
     data = load_data(cfg, proc)
-    model, optimizer, iter_num, best_val_loss = build_model(cfg, proc, data)
-    train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss)
+    # one run at a time writes into out_dir (rank 0 writes for all processes)
+    with lock_folder(cfg.out_dir, "out_dir") if proc.master else nullcontext():
+        model, optimizer, iter_num, best_val_loss = build_model(cfg, proc, data)
+        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss)
     if proc.ddp:
         destroy_process_group()
 

@@ -8,16 +8,18 @@ memory at its original rate: each block is resampled together with a little audi
 result equals resampling the whole file at once. (MP3 files are the exception: libsndfile needs
 to decode them in one piece, see _read_blocks.)
 """
+import io
 import math
 import os
 import re
+import stat
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 
-from nanosuno.common import UserError, atomic_write
+from nanosuno.common import UserError, atomic_write_bytes
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
@@ -56,35 +58,60 @@ def find_audio_files(directory, skipped=None):
                 if skipped is not None:
                     skipped.append((entry.path, "broken link"))
             elif entry.name.lower().endswith(AUDIO_EXTENSIONS):
-                found.append(entry.path)
+                kind = not_a_file(entry.stat().st_mode)   # never open a pipe: reading it can block forever
+                if kind and skipped is not None:
+                    skipped.append((entry.path, f"not a regular file ({kind})"))
+                elif not kind:
+                    found.append(entry.path)
 
     walk(directory)
     return found
 
 
-def audio_seconds(path):
-    """Duration from the file's header (0 if it cannot be read): cheap, for progress bars."""
-    try:
-        return sf.info(path).duration
-    except Exception:
-        return 0.0
+def not_a_file(mode):
+    """What a non-regular file is ("a named pipe", ...), from its os.stat mode; None for a file."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return None if stat.S_ISREG(mode) else next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0):
-    """Yield the file as consecutive mono float32 tensors at sample_rate (channel mean), about
-    block_seconds each. Raises AudioError when the file cannot be read."""
+def open_audio(path):
+    """The file as an open soundfile.SoundFile, or AudioError. Only regular files are opened (a
+    named pipe would block), and the OS's reason comes first (libsndfile says "System error" for a
+    file it may not read)."""
     try:
+        kind = not_a_file(os.stat(path).st_mode)
+        if kind:
+            raise AudioError(path, f"not a regular file ({kind})")
         if os.path.getsize(path) == 0:
             raise AudioError(path, "empty file (0 bytes)")
-        f = sf.SoundFile(path)
+        os.close(os.open(path, os.O_RDONLY))
+        return sf.SoundFile(path)
     except OSError as e:
         raise AudioError(path, f"cannot read file ({e.strerror})")
     except RuntimeError as e:  # soundfile.LibsndfileError
         raise AudioError(path, f"not a readable audio file ({_reason(e)})")
+
+
+def audio_seconds(path):
+    """Duration from the file's header (0 if it cannot be read): cheap, for progress bars."""
+    try:
+        with open_audio(path) as f:
+            return f.frames / f.samplerate
+    except AudioError:
+        return 0.0
+
+
+def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0, start_seconds=0.0):
+    """Yield the file from start_seconds on as consecutive mono float32 tensors at sample_rate
+    (channel mean), about block_seconds each. Raises AudioError when the file cannot be read, or
+    holds NaN or infinite samples (they would turn into garbage codes)."""
+    f = open_audio(path)
     with f:
         rate, declared = f.samplerate, f.frames
         if cut := _cut_short(f.extra_info):
             raise AudioError(path, f"truncated ({cut})")
+        start = min(declared, round(start_seconds * rate))
         # resample in whole periods of the rate ratio: `step` input samples give `step_out` outputs
         gcd = math.gcd(rate, sample_rate)
         step, step_out = rate // gcd, sample_rate // gcd
@@ -92,7 +119,9 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0):
         block = step * max(1, round(block_seconds * rate / step))
         pending = torch.zeros(context)  # input not yet resampled, after `context` samples of left context
         read = 0
-        for data in _read_blocks(f, block, path):
+        for data in _read_blocks(f, block, path, start):
+            if not np.isfinite(data).all():
+                raise AudioError(path, "contains NaN/inf samples")
             read += len(data)
             mono = torch.from_numpy(data.mean(axis=1, dtype=np.float32))
             if rate == sample_rate:
@@ -114,21 +143,23 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0):
                 pending = pending[ready:]
     # headers can be a little off (an Ogg file of the Wesnoth soundtrack promises 0.13 s more than
     # it holds): only a clear shortfall means the file was cut off
-    if declared - read > max(rate, 0.02 * declared):
+    if declared - start - read > max(rate, 0.02 * declared):
         raise AudioError(path, f"truncated (header says {declared / rate:.1f} s, "
-                         f"only {read / rate:.1f} s could be read)")
+                         f"only {(start + read) / rate:.1f} s could be read)")
 
 
-def _read_blocks(f, block, path):
-    """(frames, channels) float32 arrays of at most `block` frames, then one empty array."""
+def _read_blocks(f, block, path, start=0):
+    """(frames, channels) float32 arrays of at most `block` frames from frame `start` on, then one
+    empty array."""
     try:
         if f.format == "MP3":
-            # libsndfile 1.2.2 decodes MP3 wrongly after a read that stops mid-file, so an MP3 is
-            # read in one piece, as 16-bit (10 MB per stereo minute), and cut up afterwards
+            # libsndfile 1.2.2 decodes MP3 wrongly after a read that stops mid-file (or a seek), so
+            # an MP3 is read in one piece, as 16-bit (10 MB per stereo minute), and cut up afterwards
             whole = f.read(dtype="int16", always_2d=True)
-            for start in range(0, len(whole), block):
-                yield whole[start:start + block].astype(np.float32) / 32768
+            for first in range(start, len(whole), block):
+                yield whole[first:first + block].astype(np.float32) / 32768
         else:
+            f.seek(start)
             while len(data := f.read(block, dtype="float32", always_2d=True)):
                 yield data
     except RuntimeError as e:
@@ -136,20 +167,23 @@ def _read_blocks(f, block, path):
     yield np.zeros((0, f.channels), dtype=np.float32)
 
 
-def load_audio(path, sample_rate=24000):
-    """The whole file as one mono float32 tensor (samples,) at sample_rate."""
-    blocks = list(iter_audio_blocks(path, sample_rate))
+def load_audio(path, sample_rate=24000, start_seconds=0.0):
+    """The file (from start_seconds on) as one mono float32 tensor (samples,) at sample_rate."""
+    blocks = list(iter_audio_blocks(path, sample_rate, start_seconds=start_seconds))
     return torch.cat(blocks) if blocks else torch.zeros(0)
 
 
 def save_wav(path, waveform, sample_rate, subtype="PCM_16"):
     """Write (samples,) or (channels, samples) audio as WAV, 16-bit ("PCM_16", clipped to [-1, 1])
-    or float ("FLOAT"); written to a temporary name and renamed."""
+    or float ("FLOAT"); made in memory (libsndfile would report a full disk as "System error"),
+    then written to a temporary name and renamed."""
     audio = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu())
     audio = audio.T if audio.ndim == 2 else audio  # soundfile wants (samples, channels)
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)
-    atomic_write(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype=subtype, format="WAV"))
+    wav = io.BytesIO()
+    sf.write(wav, audio, sample_rate, subtype=subtype, format="WAV")
+    atomic_write_bytes(path, wav.getbuffer())
 
 
 def _cut_short(log):
@@ -166,4 +200,6 @@ def _cut_short(log):
 def _reason(error):
     """libsndfile's own words, without the repeated file name."""
     text = str(getattr(error, "error_string", "") or error)
+    if "possibly a pipe" in text:  # what libsndfile says of a regular file it cannot make sense of
+        return "format not recognised"
     return text.removeprefix("Error : ").rstrip(".")

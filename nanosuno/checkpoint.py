@@ -9,12 +9,17 @@ Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights
     config           the Config the run was started with (for reference)
     iter_num, best_val_loss
     rng              {torch: ByteTensor, cuda: [ByteTensor], batches: ByteTensor (the batch sampler's generator)}
+
+The structure is checked on load (check_structure): a valid torch file of another structure ends
+in one line, not in a KeyError deep inside train.py or sample.py.
 """
+import dataclasses
 import os
 
 import torch
 
 from nanosuno.common import UserError, atomic_write
+from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -26,26 +31,78 @@ def checkpoint_path(out_dir):
 
 def save_checkpoint(out_dir, ckpt):
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(checkpoint_path(out_dir), lambda tmp: torch.save(ckpt, tmp))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: a full disk is then an OSError, not torch's RuntimeError
+            torch.save(ckpt, f)
+    atomic_write(checkpoint_path(out_dir), write)
 
 
-def load_checkpoint(out_dir, device="cpu"):
+def load_checkpoint(out_dir, device="cpu", resume=False):
+    """out_dir's checkpoint, its structure checked (resume: with the optimizer and random states)."""
     path = checkpoint_path(out_dir)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py config/tiny.py --out_dir={out_dir})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file: say which and what to do
         raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {e}); train again or point out_dir elsewhere")
+    problem = check_structure(ckpt, resume)
+    if problem:
+        raise UserError(f"{path} is not a nanosuno checkpoint ({problem}); train again or point out_dir elsewhere")
+    return ckpt
+
+
+def check_structure(ckpt, resume=False):
+    """What is missing or of the wrong type in a loaded checkpoint (see the module doc), or None.
+    The model's shape must be one the config system accepts."""
+    def has(container, key, kind):
+        return isinstance(container, dict) and isinstance(container.get(key), kind) and not isinstance(container.get(key), bool)
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}, not a dict"
+    for key, kind in (("model", dict), ("model_args", dict), ("codec", dict), ("iter_num", int), ("best_val_loss", float)):
+        if not has(ckpt, key, kind):
+            return f"no {key} of type {kind.__name__}"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        return "model holds something else than named tensors"
+    args = ckpt["model_args"]
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not set(args) <= fields or not has(args, "codebook_size", int) or args["codebook_size"] < 1:
+        return f"model_args {sorted(args)} are not GPTConfig's {sorted(fields)} with a codebook_size"
+    try:
+        for key in set(args) & set(valid_keys()):
+            check_value(key, args[key])
+        check_together(args)
+    except UserError as e:
+        return f"model_args: {e}"
+    for key, kind in (("name", str), ("sample_rate", int), ("frame_rate", int), ("bandwidth", (int, float)),
+                      ("n_codebooks", int), ("codebook_size", int)):
+        if not has(ckpt["codec"], key, kind):
+            return f"codec has no {key}"
+    if resume:
+        if not has(ckpt, "optimizer", dict) or not has(ckpt, "rng", dict):
+            return "no optimizer or rng (random states): it cannot be resumed"
+        if not all(has(ckpt["rng"], key, torch.Tensor) for key in ("torch", "batches")):
+            return "rng has no torch and batches states"
+    return None
+
+
+def load_weights(model, ckpt):
+    """Put a checkpoint's weights into a model built from its model_args."""
+    # torch.compile saves parameters as '_orig_mod.x'; accept those checkpoints too
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"the checkpoint's weights do not fit the model its model_args describe ({first}); "
+                        f"train again or point out_dir elsewhere")
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild the model from a checkpoint's shape and weights."""
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = ckpt["model"]
-    # torch.compile saves parameters as '_orig_mod.x'; accept those checkpoints too
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    model.load_state_dict(state)
+    load_weights(model, ckpt)
     return model.to(device)
 
 
