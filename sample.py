@@ -74,15 +74,30 @@ def load_prompt(cfg, codec, model):
     return prompt, note
 
 
+def available_memory():
+    """Bytes of memory a new allocation can have: Linux's MemAvailable (free memory plus what the OS
+    can reclaim), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_memory(model, codec_info, new_frames, num_samples, prompt):
-    """Refuse a request that cannot fit in this machine's memory, before anything is allocated, with
-    the limit in the message. Estimated: the KV cache and one prefill's activations (grow with
-    num_samples), the codes (grow with length x num_samples) and, one piece at a time, its decoded
-    audio, WAV and spectrogram (grow with length)."""
+    """Refuse a request that cannot fit in the memory available, before anything is allocated, with
+    the limit in the message. Estimated (bench-free, from the shapes): the KV cache, one prefill's
+    activations and one step's logits and sampling buffers (all grow with num_samples), the codes
+    (grow with length x num_samples) and, one piece at a time, its decoded audio, WAV and
+    spectrogram (grow with length)."""
     cfg, B = model.config, num_samples
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    fixed = B * cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
-                                  + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
+    ram = available_memory()
+    fixed = B * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
+                                   + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
+                 + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
     per_frame = 3 * 8 * B * cfg.n_codebooks + AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / codec_info["frame_rate"]
     frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
     need = fixed + per_frame * frames
@@ -92,7 +107,7 @@ def check_memory(model, codec_info, new_frames, num_samples, prompt):
     limit = (f"at most about {(ram - fixed) / per_frame / codec_info['frame_rate']:,.0f} s per sample with "
              f"num_samples={B}" if fixed < ram else f"at most about {ram // (fixed // B)} samples at a time")
     raise UserError(f"{new_frames / codec_info['frame_rate']:,.0f} s x {B} sample(s) need about {gib(need)} of memory "
-                    f"(KV cache, codes, decoded audio), more than this machine's {gib(ram)}: {limit}")
+                    f"(KV cache, codes, decoded audio), more than the {gib(ram)} available: {limit}")
 
 
 def write_samples(sample_dir, codes, codec, seed):

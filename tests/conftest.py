@@ -1,5 +1,9 @@
-"""Shared test helpers: tiny synthetic token corpora, so train/model tests need no codec."""
+"""Shared test helpers: tiny synthetic token corpora, so train/model tests need no codec; faults of
+the file system (a full disk, a folder that may not be written); a process holding a folder's lock."""
+import builtins
+import errno
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +37,51 @@ def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8,
     sources = {split: [({"path": f"{split}_{i}.wav"}, codes_of(split, i, frames)) for i, frames in enumerate(lengths)]
                for split, lengths in (("train", file_frames), ("val", val_file_frames))}
     return write_tokens(str(data_dir), meta, sources)
+
+
+def fail_writes(monkeypatch, match, error=errno.ENOSPC):
+    """Make writing any file whose path contains `match` fail the way the OS would: a full disk
+    (ENOSPC) at the first write, a missing permission (EACCES) or a read-only file system (EROFS)
+    at open. (The tests run as root, where permissions do not stop anyone, and a full disk cannot
+    be had without mounting one.) Everything nanosuno writes goes through Python's open()."""
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and match in str(file) and any(c in mode for c in "wax+"):
+            if error != errno.ENOSPC:
+                raise OSError(error, os.strerror(error), str(file))
+            return NoSpace(real_open(file, mode, *args, **kwargs))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+class NoSpace:
+    """An open file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def hold_lock(folder, setting):
+    """A separate process holding folder's lock (nanosuno.common.lock_folder) until it is killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from nanosuno.common import lock_folder\n"
+         "with lock_folder(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)",
+         str(folder), setting], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,53 @@ def test_help_lists_every_setting(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--batch_size=8" in out and "--codec=None" in out and "--top_k=250" in out
+    assert "config file is Python and is executed" in out and "only run config files you trust" in out
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--n_codebooks=0", "setting 'n_codebooks' must be in 1..8, got 0"),
+    ("--n_codebooks=-1", "setting 'n_codebooks' must be in 1..8, got -1"),
+    ("--block_size=0", "setting 'block_size' must be >= 2, got 0"),
+    ("--block_size=4", r"block_size \(4\) must be at least n_codebooks \(8\)"),
+    ("--batch_size=0", "setting 'batch_size' must be >= 1, got 0"),
+    ("--eval_interval=0", "setting 'eval_interval' must be >= 1, got 0"),
+    ("--log_interval=0", "setting 'log_interval' must be >= 1, got 0"),
+    ("--eval_iters=0", "setting 'eval_iters' must be >= 1, got 0"),
+    ("--gradient_accumulation_steps=0", "setting 'gradient_accumulation_steps' must be >= 1, got 0"),
+    ("--max_iters=-5", "setting 'max_iters' must be >= 1, got -5"),
+    ("--n_head=3", r"n_embd \(256\) must be a multiple of n_head \(3\)"),
+    ("--dropout=2", r"setting 'dropout' must be in \[0, 1\), got 2.0"),
+    ("--learning_rate=-1", "setting 'learning_rate' must be > 0, got -1.0"),
+    ("--learning_rate=nan", "setting 'learning_rate' must be a finite number > 0, got nan"),
+    ("--top_p=inf", r"setting 'top_p' must be a finite number in \[0, 1\] \(0 = off\), got inf"),
+    ("--min_lr=0.1", r"min_lr \(0.1\) must not exceed learning_rate \(0.0006\)"),
+    ("--val_fraction=1.5", r"setting 'val_fraction' must be in \[0, 1\), got 1.5"),
+    ("--init_from=latest", "setting 'init_from' must be 'scratch' or 'resume', got 'latest'"),
+    ("--device=gpu", "setting 'device' must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    ("--dtype=float8", "setting 'dtype' must be auto, float32, bfloat16 or float16, got 'float8'"),
+    ("--codec=mp3", "setting 'codec' must be None or one of encodec_24khz, untrained, auto, got 'mp3'"),
+    ("--seed=-1", r"setting 'seed' must be in 0..2\*\*32-1, got -1"),
+    ("--seconds=0", "setting 'seconds' must be > 0, got 0.0"),
+])
+def test_settings_out_of_range_are_refused_with_the_range(arg, expected):
+    with pytest.raises(UserError, match=expected) as e:
+        load_config([arg])
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_file_value_is_checked_like_an_override(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("learning_rate = float('nan')\n")
+    with pytest.raises(UserError, match="bad.py: setting 'learning_rate' must be a finite number > 0, got nan"):
+        load_config([str(bad)])
+
+
+@pytest.mark.parametrize("script, arg, expected", [
+    ("train.py", "--n_head=3", "error: n_embd (256) must be a multiple of n_head (3)"),
+    ("sample.py", "--learning_rate=nan", "error: setting 'learning_rate' must be a finite number > 0, got nan"),
+])
+def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(tmp_path, script, arg, expected):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), arg], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == expected
+    assert os.listdir(tmp_path) == []   # nothing created before the settings are checked

@@ -2,8 +2,11 @@
 bad input, the token files against meta.json, repeatability, the per-file cache. CPU, no network,
 the untrained codec, audio synthesised here."""
 import functools
+import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +24,7 @@ from nanosuno.common import UserError
 from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
-from conftest import ROOT
+from conftest import ROOT, fail_writes, hold_lock
 
 
 def music(seconds, rate, channels=1, index=0):
@@ -167,24 +170,42 @@ def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
     os.symlink(tmp_path / "nowhere", corpus / "gone")  # a link to a folder that is not there
     os.symlink(tmp_path / "moved.wav", corpus / "moved.wav")  # ... and to a file
     open(corpus / "notes.txt", "w").write("ignored: not an audio extension")
-    # root can read any folder, so make one unreadable the way the OS would say it
-    scandir = os.scandir
+    open(corpus / "text.mp3", "w").write("not audio either\n" * 20)
+    for name, bad in (("nan.wav", np.nan), ("inf.wav", -np.inf)):   # float WAVs with non-finite samples
+        samples = music(1.0, 24000)
+        samples[5000] = bad
+        sf.write(corpus / name, samples, 24000, subtype="FLOAT")
+    os.mkfifo(corpus / "pipe.wav")   # opening it would block until someone writes
+    sf.write(corpus / "denied.wav", music(1.0, 24000), 24000)
+    # root can read any folder and file, so make them unreadable the way the OS would say it
+    scandir, open_ = os.scandir, os.open
 
     def locked_scandir(path):
         if os.path.basename(path) == "locked":
             raise PermissionError(13, "Permission denied")
         return scandir(path)
-    monkeypatch.setattr(audio.os, "scandir", locked_scandir)
 
+    def denied_open(path, *args, **kwargs):
+        if str(path).endswith("denied.wav"):
+            raise PermissionError(13, "Permission denied")
+        return open_(path, *args, **kwargs)
+    monkeypatch.setattr(audio.os, "scandir", locked_scandir)
+    monkeypatch.setattr(audio.os, "open", denied_open)
+
+    signal.alarm(600)   # should pipe.wav ever be opened, fail instead of hanging forever
     out = run(capsys, corpus, tmp_path / "tokens")
+    signal.alarm(0)
     assert "prepared 2 file(s)" in out
     assert "silent, kept: silent.wav" in out
     for expected in ("empty.wav: empty file (0 bytes)", "text.wav: not a readable audio file",
                      "tiny.wav: shorter than one codec frame", "truncated.wav: truncated",
                      "truncated.flac: damaged or truncated", "locked: cannot read folder: Permission denied",
-                     "gone: broken link", "moved.wav: broken link"):
+                     "gone: broken link", "moved.wav: broken link", "nan.wav: contains NaN/inf samples",
+                     "inf.wav: contains NaN/inf samples", "pipe.wav: not a regular file (a named pipe)",
+                     "denied.wav: cannot read file (Permission denied)",
+                     "text.mp3: not a readable audio file (format not recognised)"):
         assert expected in out
-    assert "skipped 8" in out
+    assert "skipped 13" in out
     meta = read_meta(tmp_path / "tokens")
     assert sorted(f["path"] for s in meta["splits"].values() for f in s["files"]) == ["good.wav", "silent.wav"]
 
@@ -250,6 +271,117 @@ def test_codec_auto_falls_back_loudly_when_the_weights_cannot_be_had(tmp_path, c
 def test_bad_val_fraction(tmp_path, capsys):
     with pytest.raises(UserError, match="val_fraction"):
         run(capsys, tmp_path, tmp_path / "tokens", "--val_fraction=1.5")
+
+
+# --- nothing lost: failed and concurrent runs -------------------------------------------------
+
+def two_corpora(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    for i in range(3):
+        sf.write(first / f"{i}.wav", music(1.0, 24000, index=i), 24000)
+    second = tmp_path / "second"
+    second.mkdir()
+    sf.write(second / "other.wav", music(2.0, 24000, index=7), 24000)
+    sf.write(second / "more.wav", music(1.0, 24000, index=8), 24000)
+    return first, second
+
+
+def test_a_failed_run_leaves_the_old_token_files_usable(tmp_path, capsys, monkeypatch):
+    first, second = two_corpora(tmp_path)
+    tokens = tmp_path / "tokens"
+    run(capsys, first, tokens)
+    before = read_bytes(tokens)
+    fail_writes(monkeypatch, "val.bin")   # the disk fills up while the new set is written
+    with pytest.raises(UserError, match=f"^no space left on {tokens}$"):
+        run(capsys, second, tokens)
+    monkeypatch.undo()
+    assert read_bytes(tokens) == before
+    assert not [name for name in os.listdir(tokens) if ".tmp" in name]
+    meta = read_meta(tokens)
+    assert open_split(tokens, meta, "train").shape == (meta["splits"]["train"]["frames"], 8)
+
+
+def test_a_crash_between_renames_is_caught_on_load(tmp_path, capsys, monkeypatch):
+    first, second = two_corpora(tmp_path)
+    tokens = tmp_path / "tokens"
+    run(capsys, first, tokens)
+    replace = os.replace
+
+    def crash_before_meta(src, dst):
+        if str(dst).endswith("meta.json"):
+            raise KeyboardInterrupt   # killed after the .bins were renamed, before meta.json was
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", crash_before_meta)
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, second, tokens)
+    monkeypatch.undo()
+    meta = read_meta(tokens)   # the old meta.json, the new train.bin
+    with pytest.raises(UserError, match=r"train.bin \(\d+ bytes\) is not the file that meta.json describes "
+                                        r"\(\d+ bytes.*run prepare.py again"):
+        open_split(tokens, meta, "train")
+
+
+def test_a_second_prepare_on_one_data_dir_is_refused(tmp_path, capsys):
+    first, _ = two_corpora(tmp_path)
+    holder = hold_lock(tmp_path / "tokens", "data_dir")   # e.g. a first prepare.py run, still going
+    try:
+        with pytest.raises(UserError, match=fr"data_dir {tmp_path / 'tokens'} is in use by another run "
+                                            fr"\(pid {holder.pid}\)"):
+            run(capsys, first, tmp_path / "tokens")
+    finally:
+        holder.kill()   # as a crash would: the OS drops its lock...
+        holder.wait()
+    assert os.listdir(tmp_path / "tokens") == [".lock"]
+    os.makedirs(tmp_path / "tokens" / "cache")   # ...and what a killed run left is cleaned up by the next
+    left = [tmp_path / "tokens" / "train.bin.tmp-4194000-0f", tmp_path / "tokens" / "cache" / "a.npy.tmp-4194000-0e"]
+    for path in left:
+        path.write_bytes(bytes(1000))
+    run(capsys, first, tmp_path / "tokens")
+    assert not any(os.path.exists(path) for path in left)
+    assert read_meta(tmp_path / "tokens")["splits"]["train"]["frames"] > 0
+
+
+# --- token files checked on load ------------------------------------------------------------------
+
+def edit_json(path, change):
+    meta = json.load(open(path))
+    change(meta)
+    json.dump(meta, open(path, "w"))
+
+
+def edit_bytes(path, change):
+    data = bytearray(open(path, "rb").read())
+    open(path, "wb").write(change(data))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: m.update(n_codebooks=0), "n_codebooks is 0, not an integer >= 1"),
+    (lambda m: m.update(codebook_size="1024"), "codebook_size is '1024', not an integer >= 1"),
+    (lambda m: m["splits"]["train"].update(frames=749), "split train: 749 frames of 16 bytes are not the 12000 bytes"),
+    (lambda m: m["splits"]["train"]["files"][1].update(offset=-5), "file train_1.wav: offset -5, expected 400"),
+    (lambda m: m["splits"]["train"]["files"][2].update(offset=10 ** 9), "file train_2.wav: offset 1000000000, expected 700"),
+    (lambda m: m["splits"]["val"]["files"][0].update(frames=True), "split val, file 0: no path or no frames"),
+    (lambda m: m["splits"]["val"].pop("fingerprint"), "its fingerprint is missing"),
+    (lambda m: m["splits"].pop("val"), "split val lacks its frames or files"),
+    (lambda m: m.update(format_version=1), "has format version 1, this nanosuno reads version 2"),
+])
+def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
+    edit_json(os.path.join(token_corpus, "meta.json"), damage)
+    with pytest.raises(UserError, match=re.escape(expected) + ".*run prepare.py again") as e:
+        read_meta(token_corpus)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda b: b + b"abc", r"train.bin \(12003 bytes\) is not the file that meta.json describes \(12000 bytes\)"),
+    (lambda b: b[:-16], r"train.bin \(11984 bytes\) is not the file that meta.json describes"),
+    (lambda b: b[:4096] + bytes(4096) + b[8192:], r"\(12000 bytes, other contents\)"),
+])
+def test_token_files_are_checked_against_meta_json(token_corpus, damage, expected):
+    edit_bytes(os.path.join(token_corpus, "train.bin"), damage)
+    with pytest.raises(UserError, match=expected + ".*run prepare.py again"):
+        open_split(token_corpus, read_meta(token_corpus), "train")
 
 
 # --- the train/val split ---------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Generation (nanosuno/generate.py) and sample.py: the sampler, delay pattern, KV cache, sliding window,
 prompts, outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
 import os
+import signal
+from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
 import torch
 
 import sample
-from nanosuno.audio import save_wav
-from nanosuno.checkpoint import save_checkpoint
+from conftest import fail_writes, hold_lock
+from nanosuno import demo
+from nanosuno.audio import load_audio, save_wav
+from nanosuno.checkpoint import checkpoint_path, save_checkpoint
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
 from nanosuno.generate import context_keep_steps, generate, prompt_frames_used, sample_next
@@ -191,16 +195,66 @@ def test_prompt_continuation_through_sample_py(tmp_path, codec):
     (["--codec=encodec_24khz"], "codec mismatch: .* was trained on untrained tokens but codec=encodec_24khz"),
     (["--prompt=PROMPT"], "bad.wav"),
     (["--prompt=MISSING"], "nope.wav"),
+    (["--prompt=FIFO"], r"pipe.wav: not a regular file \(a named pipe\)"),
+    (["--seconds=1e9"], r"^1,000,000,000 s x 1 sample\(s\) need about [\d,.]+ GiB of memory \(KV cache, codes, decoded "
+                        r"audio\), more than the [\d,.]+ GiB available: at most about [\d,]+ s per sample with num_samples=1$"),
+    (["--num_samples=10000000"], r"10 s x 10000000 sample\(s\) need about .*: at most about [\d,]+ samples at a time$"),
 ])
 def test_errors(tmp_path, codec, args, message):
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
     (tmp_path / "bad.wav").write_text("not audio")
+    os.mkfifo(tmp_path / "pipe.wav")   # a named pipe: opening it would block until someone writes
     args = [a.replace("PROMPT", str(tmp_path / "bad.wav")).replace("MISSING", str(tmp_path / "nope.wav"))
-            for a in args]
+            .replace("FIFO", str(tmp_path / "pipe.wav")) for a in args]
+    signal.alarm(600)   # fail rather than hang, should the pipe ever be opened
     with pytest.raises(UserError, match=message) as e:
         run_sample(out_dir, *args)
+    signal.alarm(0)
     assert "\n" not in str(e.value)
     assert not os.path.exists(os.path.join(out_dir, "samples"))   # nothing written on a user error
+
+
+def test_a_checkpoint_that_cannot_sample_is_one_line(tmp_path, codec):
+    out_dir = save_tiny_checkpoint(tmp_path / "old", codec, K=1, block_size=1)   # made before block_size was checked
+    with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(model_args: setting 'block_size' "
+                                        r"must be >= 2, got 1\)"):
+        run_sample(out_dir)
+    torch.save({"model": {}, "iter_num": 3}, checkpoint_path(tmp_path / "old"))   # a valid torch file, but not ours
+    with pytest.raises(UserError, match=r"is not a nanosuno checkpoint \(no model_args of type dict\)"):
+        run_sample(out_dir)
+
+
+def test_only_the_end_of_a_long_prompt_is_read(tmp_path, codec, monkeypatch):
+    path = tmp_path / "long.wav"
+    sf.write(path, demo.synth_piece(0, 12.0, 24000), 24000)
+    model = tiny_model(K=8, block_size=64)
+    used = prompt_frames_used(model, 12 * 75)                      # 48 frames: what generate() continues
+    whole = codec.encode(load_audio(str(path)))[:, -used:]
+    read = []
+    original = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: read.append(original(self, *a, **k)) or read[-1])
+    cfg = SimpleNamespace(prompt=str(path), context_stride=0.25)
+    prompt, note = sample.load_prompt(cfg, codec, model)
+    assert prompt.shape == (8, used) and note.endswith("(12.0 s), last 0.6 s used")
+    assert sum(len(r) for r in read) == (used + codec.context) * 320   # its end and 1 s of codec warm-up
+    # the codes of the whole file's end, up to rare near-ties (the codec's windows fall elsewhere)
+    assert (prompt == whole).float().mean() > 0.95
+
+
+def test_a_full_disk_or_a_running_sample_is_one_line(tmp_path, codec, monkeypatch):
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
+    holder = hold_lock(tmp_path / "out" / "samples", "sample_dir")   # another sample.py writing there
+    try:
+        with pytest.raises(UserError, match=fr"sample_dir {tmp_path / 'out' / 'samples'} is in use by another run "
+                                            fr"\(pid {holder.pid}\)"):
+            run_sample(out_dir, "--seconds=0.2")
+    finally:
+        holder.kill()
+        holder.wait()
+    fail_writes(monkeypatch, "sample_000.png")
+    with pytest.raises(UserError, match=f"^no space left on {tmp_path / 'out' / 'samples'}$"):
+        run_sample(out_dir, "--seconds=0.2")
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == [".lock", "sample_000.wav"]   # no temporaries
 
 
 def test_error_no_checkpoint(tmp_path):

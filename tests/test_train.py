@@ -1,6 +1,8 @@
+import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import soundfile as sf
 import torch
 
 import train
-from conftest import ROOT, write_token_corpus
+from conftest import ROOT, fail_writes, hold_lock, write_token_corpus
 from nanosuno.checkpoint import checkpoint_path
 from nanosuno.common import UserError
 
@@ -180,3 +182,110 @@ def test_two_process_gloo_run(token_corpus, tmp_path):
     assert "2 process(es)" in result.stdout
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["ckpt.pt"]
     assert load(out)["iter_num"] == 4
+
+
+# --- nothing lost, one clear line ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-iteration run (data_dir, out_dir) to copy: one training run for many tests."""
+    root = tmp_path_factory.mktemp("trained")
+    write_token_corpus(root / "tokens", file_frames=[400, 300, 50], val_file_frames=[200])
+    run(root / "tokens", root / "out", "--max_iters=2", "--eval_interval=1000")
+    return root / "tokens", root / "out"
+
+
+def copy_run(trained, tmp_path):
+    data, out = trained
+    shutil.copytree(out, tmp_path / "out")
+    return data, tmp_path / "out"
+
+
+def snapshot(out_dir):
+    return {name: open(os.path.join(out_dir, name), "rb").read() for name in ("ckpt.pt", "log.jsonl", "loss.png")}
+
+
+def test_a_scratch_run_never_replaces_a_checkpoint_unasked(token_corpus, tmp_path):
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=4", "--eval_interval=2")
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"ckpt.pt exists: continue that run with --init_from=resume, or start "
+                                        r"from scratch with --overwrite=True") as e:
+        run(token_corpus, out, "--max_iters=6", "--eval_interval=2")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="multiple of n_head"):       # a bad setting deletes nothing
+        run(token_corpus, out, "--max_iters=6", "--n_head=3", "--overwrite=True")
+    with pytest.raises(UserError, match="run prepare.py first"):     # nor does missing data
+        run(tmp_path / "nothing", out, "--max_iters=6", "--overwrite=True")
+    assert snapshot(out) == before
+    run(token_corpus, out, "--max_iters=2", "--eval_interval=1", "--overwrite=True")   # on purpose
+    assert load(out)["iter_num"] == 2
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl") if "train_loss" in line] == [0, 1, 2]
+
+
+def test_resume_past_max_iters_says_so(trained, tmp_path):
+    data, out = copy_run(trained, tmp_path)
+    with pytest.raises(UserError, match="has already trained 2 iterations, max_iters is 2: raise --max_iters"):
+        run(data, out, "--max_iters=2", "--init_from=resume")
+
+
+def test_a_second_train_on_one_out_dir_is_refused_with_the_holders_pid(token_corpus, tmp_path):
+    holder = hold_lock(tmp_path / "out", "out_dir")   # e.g. a first train.py run, still going
+    try:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={token_corpus}",
+                                 f"--out_dir={tmp_path / 'out'}", *TINY, "--device=cpu", "--max_iters=2"],
+                                capture_output=True, text=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} is in use by another run (pid {holder.pid}): "
+                                     f"wait for it to end, or use another out_dir")
+    assert os.listdir(tmp_path / "out") == [".lock"]
+
+
+def test_out_dir_that_is_a_file_or_cannot_be_written(token_corpus, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=f"^out_dir {tmp_path / 'file'} is not a folder$"):
+        run(token_corpus, tmp_path / "file", "--max_iters=1")
+    fail_writes(monkeypatch, str(tmp_path / "locked"), errno.EACCES)
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 'locked' / '.lock'}: permission denied$"):
+        run(token_corpus, tmp_path / "locked", "--max_iters=1")
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
+    data, out = copy_run(trained, tmp_path)
+    before = snapshot(out)["ckpt.pt"]
+    fail_writes(monkeypatch, "ckpt.pt")
+    with pytest.raises(UserError, match=f"^no space left on {out}$"):
+        run(data, out, "--max_iters=4", "--eval_interval=1000", "--init_from=resume")
+    monkeypatch.undo()
+    assert snapshot(out)["ckpt.pt"] == before and load(out)["iter_num"] == 2
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def corrupt(ckpt):
+    """Checkpoints that torch loads safely but that are not what train/sample expect."""
+    model_args, state = ckpt["model_args"], ckpt["model"]
+    return {
+        "a list": [1, 2, 3],
+        "no model_args": {k: v for k, v in ckpt.items() if k != "model_args"},
+        "a bad shape": {**ckpt, "model_args": {**model_args, "n_head": 3}},
+        "other weights": {**ckpt, "model": {k: v[:1] for k, v in state.items()}},
+        "no optimizer": {k: v for k, v in ckpt.items() if k != "optimizer"},
+    }
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("a list", r"is not a nanosuno checkpoint \(a list, not a dict\)"),
+    ("no model_args", r"is not a nanosuno checkpoint \(no model_args of type dict\)"),
+    ("a bad shape", r"model_args: n_embd \(32\) must be a multiple of n_head \(3\)"),
+    ("other weights", "the checkpoint's weights do not fit the model its model_args describe"),
+    ("no optimizer", r"no optimizer or rng \(random states\): it cannot be resumed"),
+])
+def test_a_checkpoint_of_another_structure_is_one_line(trained, tmp_path, kind, message):
+    data, out = copy_run(trained, tmp_path)
+    torch.save(corrupt(load(out))[kind], checkpoint_path(out))
+    with pytest.raises(UserError, match=message) as e:
+        run(data, out, "--max_iters=3", "--init_from=resume")
+    assert "\n" not in str(e.value)

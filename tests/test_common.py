@@ -1,0 +1,88 @@
+"""nanosuno/common.py: the one-run-per-folder lock, temporary files, sets of files replaced
+together, one line for a full disk."""
+import errno
+import os
+import signal
+import sys
+
+import pytest
+
+from conftest import fail_writes, hold_lock
+from nanosuno.common import UserError, atomic_write_set, lock_folder, run_cli, temp_path
+
+
+def test_a_lock_is_refused_while_another_process_holds_it_and_freed_when_that_dies(tmp_path):
+    holder = hold_lock(tmp_path / "out", "out_dir")
+    try:
+        with pytest.raises(UserError, match=f"out_dir {tmp_path / 'out'} is in use by another run "
+                                            fr"\(pid {holder.pid}\): wait for it to end, or use another out_dir"):
+            with lock_folder(tmp_path / "out", "out_dir"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)   # as a crash would: the OS releases the lock
+        holder.wait()
+    with lock_folder(tmp_path / "out", "out_dir"):
+        assert open(tmp_path / "out" / ".lock").read() == f"{os.getpid()}\n"
+
+
+def test_taking_a_lock_removes_temporaries_that_killed_runs_left(tmp_path):
+    left = ["ckpt.pt.tmp-4194000-0badcafe", "loss.png.tmp-17"]   # (the second as older versions named them)
+    kept = ["ckpt.pt", "notes.tmp.txt", "x.tmp-abc"]
+    for name in left + kept:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "a.wav.tmp-4194000-00").write_text("x")   # another folder: another lock
+    with lock_folder(tmp_path, "out_dir"):
+        assert sorted(os.listdir(tmp_path)) == sorted([".lock", "samples"] + kept)
+    assert os.listdir(tmp_path / "samples") == ["a.wav.tmp-4194000-00"]
+
+
+def test_temporary_names_are_unique_to_a_process_and_a_call(tmp_path):
+    names = {temp_path(tmp_path / "ckpt.pt") for _ in range(100)}
+    assert len(names) == 100 and all(f".tmp-{os.getpid()}-" in name for name in names)
+
+
+def write_text(text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write
+
+
+def test_a_set_is_replaced_only_when_all_of_it_is_written(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.bin", tmp_path / "meta.json"
+    atomic_write_set([(a, write_text("old a")), (b, write_text("old b"))])
+    fail_writes(monkeypatch, "meta.json")
+    with pytest.raises(UserError, match=f"^no space left on {tmp_path}$"):
+        atomic_write_set([(a, write_text("new a")), (b, write_text("new b"))])
+    monkeypatch.undo()
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "meta.json"]   # no temporaries left behind
+
+
+@pytest.mark.parametrize("error, expected", [
+    (errno.EACCES, "cannot write {}: permission denied"),
+    (errno.EROFS, "cannot write {}: read-only file system"),
+])
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, error, expected):
+    fail_writes(monkeypatch, str(tmp_path), error)
+    with pytest.raises(UserError, match=f"^{expected.format(tmp_path / 'out' / '.lock')}$"):
+        with lock_folder(tmp_path / "out", "out_dir"):
+            pass
+    with pytest.raises(UserError, match=f"^{expected.format(tmp_path / 'a.bin')}$"):
+        atomic_write_set([(tmp_path / "a.bin", write_text("a"))])
+
+
+def test_run_cli_makes_a_full_disk_one_line_and_keeps_bugs_as_tracebacks(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/log.jsonl")
+    with pytest.raises(SystemExit) as e:
+        run_cli(full)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: no space left on /data/out\n"
+
+    def bug(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+    with pytest.raises(FileNotFoundError):   # a real bug: traceback, exit code 1
+        run_cli(bug)
