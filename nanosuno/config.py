@@ -95,6 +95,11 @@ CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
 # finite. check_value applies these to every value given; check_together checks settings that limit
 # each other. A value outside its range ends in one line: "setting 'x' must be <rule>, got <value>".
 RULES = {
+    "input_dir": ("a folder name", lambda v: v != ""),
+    "data_dir": ("a folder name", lambda v: v != ""),
+    "out_dir": ("a folder name", lambda v: v != ""),
+    "sample_dir": ("None or a folder name", lambda v: v != ""),
+    "prompt": ("None or a file name", lambda v: v != ""),
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "codec": ("None or one of " + ", ".join(CODEC_NAMES), lambda v: v is None or v in CODEC_NAMES),
     "n_codebooks": ("in 1..8", lambda v: 1 <= v <= 8),
@@ -108,6 +113,7 @@ RULES = {
     "gradient_accumulation_steps": (">= 1", lambda v: v >= 1),
     "max_iters": (">= 1", lambda v: v >= 1),
     "learning_rate": ("> 0", lambda v: v > 0),
+    "muon_lr": ("> 0", lambda v: v > 0),
     "min_lr": (">= 0", lambda v: v >= 0),
     "warmup_iters": (">= 0", lambda v: v >= 0),
     "lr_decay_iters": (">= 0", lambda v: v >= 0),
@@ -118,6 +124,7 @@ RULES = {
     "eval_interval": (">= 1", lambda v: v >= 1),
     "eval_iters": (">= 1", lambda v: v >= 1),
     "log_interval": (">= 1", lambda v: v >= 1),
+    "sample_every": (">= 0 (0 = off)", lambda v: v >= 0),
     "device": ("auto, cpu, mps, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)),
     "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
     "seed": ("in 0..2**32-1", lambda v: 0 <= v < 2 ** 32),
@@ -177,8 +184,9 @@ def _convert(key, value):
 def check_together(settings):
     """Settings that limit each other (settings: a dict of some or all of them), in one line each."""
     s = settings
-    if "n_embd" in s and "n_head" in s and s["n_embd"] % s["n_head"]:
-        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of n_head ({s['n_head']})")
+    if "n_embd" in s and "n_head" in s and s["n_embd"] % (2 * s["n_head"]):
+        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of 2 * n_head ({2 * s['n_head']}): rotary "
+                        "embeddings turn pairs of channels of each head")
     if "block_size" in s and "n_codebooks" in s and s["block_size"] < s["n_codebooks"]:
         # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
         raise UserError(f"block_size ({s['block_size']}) must be at least n_codebooks ({s['n_codebooks']})")

@@ -26,7 +26,7 @@ import stat
 import numpy as np
 import torch
 
-from nanosuno.baselines import baseline_losses
+from nanosuno.baselines import NAMES, baseline_losses
 from nanosuno.common import UserError, atomic_write_set
 from nanosuno.pattern import delay_interleave
 
@@ -111,6 +111,11 @@ def check_meta(meta):
             offset += f["frames"]
         if offset != info["frames"]:
             return f"split {split}: its files hold {offset} frames, not {info['frames']}"
+    baselines = meta.get("baselines")
+    if baselines is not None and not (isinstance(baselines, dict) and all(
+            isinstance(baselines.get(name), list) and len(baselines[name]) == meta["n_codebooks"]
+            and all(v is None or isinstance(v, (int, float)) for v in baselines[name]) for name in NAMES)):
+        return f"baselines are not {', '.join(NAMES)}, each a loss per codebook"
     return None
 
 

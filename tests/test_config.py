@@ -103,12 +103,14 @@ def test_help_lists_every_setting(capsys):
     ("--eval_iters=0", "setting 'eval_iters' must be >= 1, got 0"),
     ("--gradient_accumulation_steps=0", "setting 'gradient_accumulation_steps' must be >= 1, got 0"),
     ("--max_iters=-5", "setting 'max_iters' must be >= 1, got -5"),
-    ("--n_head=3", r"n_embd \(256\) must be a multiple of n_head \(3\)"),
+    ("--n_head=3", r"n_embd \(256\) must be a multiple of 2 \* n_head \(6\): rotary embeddings"),
+    ("--out_dir=", "setting 'out_dir' must be a folder name, got ''"),
+    ("--sample_every=-1", r"setting 'sample_every' must be >= 0 \(0 = off\), got -1"),
     ("--dropout=2", r"setting 'dropout' must be in \[0, 1\), got 2.0"),
     ("--learning_rate=-1", "setting 'learning_rate' must be > 0, got -1.0"),
     ("--learning_rate=nan", "setting 'learning_rate' must be a finite number > 0, got nan"),
     ("--top_p=inf", r"setting 'top_p' must be a finite number in \[0, 1\] \(0 = off\), got inf"),
-    ("--min_lr=0.1", r"min_lr \(0.1\) must not exceed learning_rate \(0.0006\)"),
+    ("--min_lr=0.1", r"min_lr \(0.1\) must not exceed learning_rate \(0.002\)"),
     ("--val_fraction=1.5", r"setting 'val_fraction' must be in \[0, 1\), got 1.5"),
     ("--init_from=latest", "setting 'init_from' must be 'scratch' or 'resume', got 'latest'"),
     ("--device=gpu", "setting 'device' must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
@@ -131,7 +133,8 @@ def test_a_config_file_value_is_checked_like_an_override(tmp_path):
 
 
 @pytest.mark.parametrize("script, arg, expected", [
-    ("train.py", "--n_head=3", "error: n_embd (256) must be a multiple of n_head (3)"),
+    ("train.py", "--n_head=3", "error: n_embd (256) must be a multiple of 2 * n_head (6): rotary embeddings turn "
+                               "pairs of channels of each head"),
     ("sample.py", "--learning_rate=nan", "error: setting 'learning_rate' must be a finite number > 0, got nan"),
 ])
 def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(tmp_path, script, arg, expected):

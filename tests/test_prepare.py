@@ -364,6 +364,7 @@ def edit_bytes(path, change):
     (lambda m: m["splits"]["val"]["files"][0].update(frames=True), "split val, file 0: no path or no frames"),
     (lambda m: m["splits"]["val"].pop("fingerprint"), "its fingerprint is missing"),
     (lambda m: m["splits"].pop("val"), "split val lacks its frames or files"),
+    (lambda m: m["baselines"].update(unigram=[1.0]), "baselines are not unigram, prev_frame, lower_codebook"),
     (lambda m: m.update(format_version=1), "has format version 1, this nanosuno reads version 2"),
 ])
 def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
