@@ -184,9 +184,9 @@ def _convert(key, value):
 def check_together(settings):
     """Settings that limit each other (settings: a dict of some or all of them), in one line each."""
     s = settings
-    if "n_embd" in s and "n_head" in s and s["n_embd"] % (2 * s["n_head"]):
-        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of 2 * n_head ({2 * s['n_head']}): rotary "
-                        "embeddings turn pairs of channels of each head")
+    if "n_embd" in s and "n_head" in s and s["n_embd"] % s["n_head"]:
+        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of n_head ({s['n_head']}): each head "
+                        "gets n_embd / n_head channels")
     if "block_size" in s and "n_codebooks" in s and s["block_size"] < s["n_codebooks"]:
         # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
         raise UserError(f"block_size ({s['block_size']}) must be at least n_codebooks ({s['n_codebooks']})")

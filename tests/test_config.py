@@ -103,7 +103,7 @@ def test_help_lists_every_setting(capsys):
     ("--eval_iters=0", "setting 'eval_iters' must be >= 1, got 0"),
     ("--gradient_accumulation_steps=0", "setting 'gradient_accumulation_steps' must be >= 1, got 0"),
     ("--max_iters=-5", "setting 'max_iters' must be >= 1, got -5"),
-    ("--n_head=3", r"n_embd \(256\) must be a multiple of 2 \* n_head \(6\): rotary embeddings"),
+    ("--n_head=3", r"n_embd \(256\) must be a multiple of n_head \(3\): each head gets n_embd / n_head channels"),
     ("--out_dir=", "setting 'out_dir' must be a folder name, got ''"),
     ("--sample_every=-1", r"setting 'sample_every' must be >= 0 \(0 = off\), got -1"),
     ("--dropout=2", r"setting 'dropout' must be in \[0, 1\), got 2.0"),
@@ -133,8 +133,8 @@ def test_a_config_file_value_is_checked_like_an_override(tmp_path):
 
 
 @pytest.mark.parametrize("script, arg, expected", [
-    ("train.py", "--n_head=3", "error: n_embd (256) must be a multiple of 2 * n_head (6): rotary embeddings turn "
-                               "pairs of channels of each head"),
+    ("train.py", "--n_head=3", "error: n_embd (256) must be a multiple of n_head (3): each head gets "
+                               "n_embd / n_head channels"),
     ("sample.py", "--learning_rate=nan", "error: setting 'learning_rate' must be a finite number > 0, got nan"),
 ])
 def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(tmp_path, script, arg, expected):
