@@ -206,7 +206,7 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
     for i in range(warmup + iters):
         _sync(device)
         t0 = time.perf_counter()
-        train_step(model, optimizer, scaler, lambda: (x, y), accum_steps=1, grad_clip=1.0, ddp=False, ctx=ctx)
+        train_step(model, optimizer, scaler, lambda: (x, y, None), accum_steps=1, grad_clip=1.0, ddp=False, ctx=ctx)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

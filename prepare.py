@@ -9,6 +9,8 @@ codebooks x 75 frames per second. Files go to train or val by a hash of their pa
 (data.assign_splits) and end up in data_dir as train.bin, val.bin and meta.json (see data.py):
 a new set replaces the old one only once it is complete, so a failed run leaves the old set usable.
 One run at a time writes into a data_dir (a lock; a second run is told the first one's pid).
+A file's style is the name of its first-level folder under input_dir (data/wavs/jazz/a.flac: jazz;
+files directly in input_dir have none), unless --styles=none; train.py learns to generate each.
 
 Each file's codes are cached in data_dir/cache/, keyed by the file (path, size, modification time)
 and the codec, so a re-run encodes only new or changed files and an interrupted run resumes where
@@ -72,13 +74,15 @@ def prepare_tokens(cfg, paths, skipped):
                         f"were skipped (reasons above)")
     names = {path: os.path.relpath(path, cfg.input_dir).replace(os.sep, "/") for path in kept}
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
-    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, cache))
+    styles = {name: style_of(name, cfg.styles) for name in names.values()}
+    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache))
 
     splits = meta["splits"]
     seconds = sum(s["frames"] for s in splits.values()) / codec.frame_rate
     print(f"prepared {len(kept)} file(s), {seconds / 3600:.2f} h of audio: "
           + ", ".join(f"{split} {splits[split]['frames']:,} frames from {len(splits[split]['files'])} "
-                      f"file(s)" for split in SPLITS) + f" -> {cfg.data_dir}")
+                      f"file(s)" for split in SPLITS) + f" -> {cfg.data_dir}; styles: "
+          + (", ".join(f"{s['name']} ({s['frames']:,} frames)" for s in meta["styles"]) or "none"))
     if todo:
         print(f"encoded {seconds_encoded / 60:.1f} min of audio in {elapsed:.1f} s: "
               f"{seconds_encoded / max(elapsed, 1e-9):.1f} audio-seconds per second")
@@ -109,6 +113,13 @@ def find_corpus(input_dir, skipped):
         problems = "".join(f"; {p}: {why}" for p, why in skipped)
         raise UserError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {input_dir}{problems}")
     return paths
+
+
+def style_of(name, styles):
+    """The style of a file named by its path under input_dir ("jazz/a.flac"): its first folder, or
+    None for a file directly in input_dir or with styles='none'."""
+    folder, sep, _ = name.partition("/")
+    return folder if sep and styles == "folders" else None
 
 
 def cache_path(cache_dir, path, codec):
@@ -180,12 +191,13 @@ def save_codes(path, codes):
     atomic_write(path, write)
 
 
-def token_sources(kept, names, split_of, cache):
+def token_sources(kept, names, split_of, styles, cache):
     """For data.write_tokens: per split, each kept file's entry and cached codes, read one at a time."""
     def source(split):
         for path in kept:
             if split_of[names[path]] == split:
-                yield {"path": names[path]}, np.load(cache[path], allow_pickle=False)
+                entry = {"path": names[path], "style": styles[names[path]]}
+                yield entry, np.load(cache[path], allow_pickle=False)
     return {split: source(split) for split in SPLITS}
 
 

@@ -4,6 +4,7 @@ Generate music with a trained model and write it as audio.
     python sample.py                                    # out/ckpt.pt -> out/samples/
     python sample.py config/small.py --seconds=120 --num_samples=4
     python sample.py --prompt=intro.wav --seconds=20    # continue a recording
+    python sample.py --style=jazz,rock --cfg_coef=3     # one piece per style (a model trained with styles)
 
 Writes into sample_dir (default out_dir/samples): sample_000.wav, ... (24 kHz mono), a spectrogram
 PNG per sample, and index.html to listen to them in a browser. The model's shape and codec come
@@ -88,17 +89,18 @@ def available_memory():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(model, codec_info, new_frames, num_samples, prompt):
+def check_memory(model, codec_info, new_frames, num_samples, prompt, guided=False):
     """Refuse a request that cannot fit in the memory available, before anything is allocated, with
     the limit in the message. Estimated (bench-free, from the shapes): the KV cache, one prefill's
-    activations and one step's logits and sampling buffers (all grow with num_samples), the codes
-    (grow with length x num_samples) and, one piece at a time, its decoded audio, WAV and
-    spectrogram (grow with length)."""
+    activations and one step's logits and sampling buffers (all grow with num_samples, and double
+    when guided: two streams per sample), the codes (grow with length x num_samples) and, one piece
+    at a time, its decoded audio, WAV and spectrogram (grow with length)."""
     cfg, B = model.config, num_samples
     ram = available_memory()
-    fixed = B * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
-                                   + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
-                 + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
+    streams = 2 * B if guided else B
+    fixed = streams * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
+                                         + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
+                       + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
     per_frame = 3 * 8 * B * cfg.n_codebooks + AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / codec_info["frame_rate"]
     frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
     need = fixed + per_frame * frames
@@ -111,24 +113,41 @@ def check_memory(model, codec_info, new_frames, num_samples, prompt):
                     f"(KV cache, codes, decoded audio), more than the {gib(ram)} available: {limit}")
 
 
-def write_samples(sample_dir, codes, codec, seed):
-    """Decode each piece and write its WAV and spectrogram; returns the names written."""
+def pick_styles(cfg, ckpt):
+    """The style names asked for (None: unconditional), each one the checkpoint knows."""
+    if cfg.style is None:
+        return None
+    known = ckpt.get("styles") or []
+    if not known:
+        raise UserError(f"{checkpoint_path(cfg.out_dir)} was trained without styles (its corpus had no style "
+                        f"folders, or styles=none): leave style unset")
+    names = [name.strip() for name in cfg.style.split(",")]
+    for name in names:
+        if name not in known:
+            raise UserError(f"unknown style '{name}': {checkpoint_path(cfg.out_dir)} knows {', '.join(known)}")
+    return names
+
+
+def write_samples(sample_dir, codes, codec, seed, labels):
+    """Decode each piece and write its WAV and spectrogram (titled with its label: style and
+    guidance); returns the names written."""
     names = []
     for i in range(codes.shape[0]):   # one at a time: a long piece's decoder activations are large
         name = f"sample_{i:03d}"
         waveform = codec.decode(codes[i])
         save_wav(os.path.join(sample_dir, f"{name}.wav"), waveform, codec.sample_rate)
         save_spectrogram(os.path.join(sample_dir, f"{name}.png"), waveform, codec.sample_rate,
-                         f"{name}: {waveform.numel() / codec.sample_rate:.1f} s, seed {seed}")
+                         f"{name}: {waveform.numel() / codec.sample_rate:.1f} s, seed {seed}, {labels[i]}")
         names.append(name)
     return names
 
 
-def write_index(path, names, settings, warning):
-    """A static page: the settings used, then a player and the spectrogram of every sample."""
+def write_index(path, names, labels, settings, warning):
+    """A static page: the settings used, then each sample's label, player and spectrogram."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
-    items = "".join(f'<h2>{name}</h2>\n<audio controls preload="none" src="{name}.wav"></audio><br>\n'
-                    f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name in names)
+    items = "".join(f'<h2>{name}</h2>\n<p>{html.escape(label)}</p>\n'
+                    f'<audio controls preload="none" src="{name}.wav"></audio><br>\n'
+                    f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name, label in zip(names, labels))
     warn = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
             f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno samples</h1>\n{warn}"
@@ -150,9 +169,16 @@ def main(argv):
     K, block_size = model.config.n_codebooks, model.config.block_size
     # generate() checks these too; here they fail before the codec loads and anything is written
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
-                   cfg.context_stride, cfg.seconds)
+                   cfg.context_stride, cfg.seconds, cfg.cfg_coef)
+    styles = pick_styles(cfg, ckpt)    # names, or None: unconditional
+    style_ids = [ckpt["styles"].index(name) for name in styles] if styles else None
+    # cfg_coef 1 is plain conditional sampling: the same codes without the unconditional stream
+    # (tests/test_sample.py holds the two equal), so it runs at half the cost
+    cfg_coef = cfg.cfg_coef if styles and cfg.cfg_coef != 1 else None
+    labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in styles for _ in range(cfg.num_samples)] \
+        if styles else ["no style (unconditional)"] * cfg.num_samples
     new_frames = max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
-    check_memory(model, ckpt["codec"], new_frames, cfg.num_samples, cfg.prompt)
+    check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, guided=cfg_coef is not None)
     codec = load_codec(ckpt["codec"]["name"], cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
     warning = ""
@@ -165,22 +191,24 @@ def main(argv):
     sample_dir = cfg.sample_dir or os.path.join(cfg.out_dir, "samples")
     with lock_folder(sample_dir, "sample_dir"):  # one run at a time writes into sample_dir
         t0 = time.perf_counter()
-        with StepsBar(cfg.num_samples / codec.frame_rate) as bar:  # all samples in one batch
-            codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
-                             cfg.num_samples, cfg.seed, cfg.context_stride, progress=bar)
+        with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
+            codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                             cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
         steps, t1 = bar.total, time.perf_counter()
         codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
-        names = write_samples(sample_dir, codes, codec, cfg.seed)
+        names = write_samples(sample_dir, codes, codec, cfg.seed, labels)
         t2 = time.perf_counter()
         settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
                     "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
                     "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
                     "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
+                    "style": ", ".join(styles) if styles else "none (unconditional)",
+                    "cfg_coef": cfg.cfg_coef if styles else "-",
                     "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
                     "device": f"{device}, {str(dtype).removeprefix('torch.')}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_index(os.path.join(sample_dir, "index.html"), names, settings, warning)
+        write_index(os.path.join(sample_dir, "index.html"), names, labels, settings, warning)
 
-    new_seconds = cfg.num_samples * new_frames / codec.frame_rate
+    new_seconds = len(labels) * new_frames / codec.frame_rate
     print(f"wrote {len(names)} x {codes.shape[-1] / codec.frame_rate:.1f} s to "
           f"{sample_dir}/ ({', '.join(n + '.wav' for n in names[:3])}{', ...' if len(names) > 3 else ''}, spectrograms, "
           f"index.html) in {t2 - t0:.1f} s: generation {steps / (t1 - t0):.0f} steps/s, decoding {t2 - t1:.1f} s, "

@@ -32,7 +32,7 @@ from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_pa
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import load_config
-from nanosuno.data import Batches, codec_info, read_meta
+from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, codebook_losses
@@ -62,9 +62,9 @@ def evaluate(model, splits, cfg, device, ctx):
         batches.generator.manual_seed(cfg.seed + 1)
         per_codebook = torch.zeros(cfg.n_codebooks)
         for _ in range(cfg.eval_iters):
-            x, y = batches.sample(cfg.batch_size, device)
+            x, y, styles = batches.sample(cfg.batch_size, device)   # labels kept: the conditional loss
             with ctx:
-                logits, _ = model(x)
+                logits, _ = model(x, styles=styles)
             per_codebook += codebook_losses(logits, y, model.config.codebook_size).float().cpu()
         batches.generator.set_state(saved)
         per_codebook /= cfg.eval_iters
@@ -117,14 +117,15 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
 
 
 def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
-    """One optimizer step: forward and backward on accum_steps batches from get_batch() (gradients
-    add up), clip, step. Returns the last batch's loss as a tensor (reading it syncs with a GPU)."""
+    """One optimizer step: forward and backward on accum_steps batches (inputs, targets, style ids)
+    from get_batch() (gradients add up), clip, step. Returns the last batch's loss as a tensor
+    (reading it syncs with a GPU)."""
     for micro_step in range(accum_steps):
-        x, y = get_batch()
+        x, y, styles = get_batch()
         # with DDP, only the last micro step synchronises gradients
         sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
         with sync, ctx:
-            _, loss = model(x, y)
+            _, loss = model(x, y, styles=styles)
         scaler.scale(loss / accum_steps).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
@@ -162,7 +163,7 @@ def setup_processes(cfg):
 
 
 def load_data(cfg, proc):
-    """meta.json, the codec it records, and batch samplers over the train and val splits."""
+    """meta.json, the codec it records, its styles, and batch samplers over the train and val splits."""
     meta = read_meta(cfg.data_dir)
     if cfg.n_codebooks > meta["n_codebooks"]:
         raise UserError(f"n_codebooks={cfg.n_codebooks} but {cfg.data_dir} holds {meta['n_codebooks']}: "
@@ -176,17 +177,19 @@ def load_data(cfg, proc):
         print(f"note: {cfg.data_dir} has an empty val split: skipping validation (only train loss is evaluated)")
     # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
     baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
-    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), train=train, val=val,
-                           baseline=baseline)
+    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
+                           train=train, val=val, baseline=baseline)
 
 
 def build_model(cfg, proc, data):
     """The model and its optimizer, new or resumed from out_dir's checkpoint (with the random states,
     so that a resumed run goes on exactly as an uninterrupted one). Returns them with the iteration
     to start from and the best val loss so far."""
-    # the model's shape: GPTConfig's fields from the settings, except the codebook size (the data's)
-    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "codebook_size"}
-    model_args["codebook_size"] = data.meta["codebook_size"]
+    # the model's shape: GPTConfig's fields from the settings, except the codebook size and the
+    # number of styles (the data's)
+    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
+                  if f.name not in ("codebook_size", "n_styles")}
+    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
     iter_num, best_val_loss, ckpt, path = 0, float("inf"), None, checkpoint_path(cfg.out_dir)
     if cfg.init_from == "scratch" and os.path.exists(path) and not cfg.overwrite:
         raise UserError(f"{path} exists: continue that run with --init_from=resume, or start from scratch "
@@ -194,11 +197,15 @@ def build_model(cfg, proc, data):
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
         check_codec(data.codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
-        changed = [f"{k} {ckpt['model_args'][k]} -> {v}" for k, v in model_args.items()
-                   if k != "dropout" and ckpt["model_args"].get(k) != v]
+        trained = GPTConfig(**ckpt["model_args"])   # (a field added since has its default)
+        changed = [f"{k} {getattr(trained, k)} -> {v}" for k, v in model_args.items()
+                   if k != "dropout" and getattr(trained, k) != v]
         if changed:
             raise UserError(f"cannot resume {path} with another model shape "
                             f"({', '.join(changed)}); use the settings it was trained with, or another out_dir")
+        if ckpt.get("styles", []) != data.styles:
+            raise UserError(f"cannot resume {path}: it learned the styles "
+                            f"{ckpt.get('styles', [])} but {cfg.data_dir} has {data.styles}")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if iter_num >= cfg.max_iters:
             raise UserError(f"{path} has already trained {iter_num} iterations, max_iters is {cfg.max_iters}: "
@@ -254,7 +261,9 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
               f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
               f"{proc.world} process(es)")
         print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
-              f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration")
+              f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration; "
+              + (f"styles {', '.join(data.styles)} (labels dropped at random: cfg_dropout {cfg.cfg_dropout})"
+                 if data.styles else "no styles"))
 
     def log(record):
         with writing(log_path), open(log_path, "a") as f:
@@ -264,6 +273,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
         save_checkpoint(cfg.out_dir, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_args": dataclasses.asdict(raw_model.config), "codec": data.codec, "config": dataclasses.asdict(cfg),
+            "styles": data.styles,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "baselines": data.meta.get("baselines"),
             "rng": {"torch": torch.get_rng_state(), "batches": data.train.generator.get_state(),
                     "cuda": [torch.cuda.get_rng_state()] if proc.device_type == "cuda" else []},
@@ -315,8 +325,9 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
         if last:
             break
 
-        loss = train_step(model, optimizer, scaler, lambda: data.train.sample(cfg.batch_size, proc.device),
-                          proc.accum_steps, cfg.grad_clip, proc.ddp, ctx)
+        # style labels dropped with probability cfg_dropout: the model also learns "no style" (guidance needs it)
+        get_batch = lambda: data.train.sample(cfg.batch_size, proc.device, cfg.cfg_dropout)
+        loss = train_step(model, optimizer, scaler, get_batch, proc.accum_steps, cfg.grad_clip, proc.ddp, ctx)
         iter_num += 1
         bar.update(1)
 

@@ -7,6 +7,7 @@ Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights
     model_args       GPTConfig fields (the model's shape lives here, so sample.py never repeats it)
     codec            Codec.info(): {name, sample_rate, frame_rate, bandwidth, n_codebooks, codebook_size}
     config           the Config the run was started with (for reference)
+    styles           the style names the model learned (style id i = styles[i]); [] or absent: none
     iter_num, best_val_loss
     rng              {torch: ByteTensor, cuda: [ByteTensor], batches: ByteTensor (the batch sampler's generator)}
 
@@ -75,6 +76,9 @@ def check_structure(ckpt, resume=False):
         check_together(args)
     except UserError as e:
         return f"model_args: {e}"
+    styles, n_styles = ckpt.get("styles", []), args.get("n_styles", 0)   # (absent before styles existed)
+    if not (isinstance(styles, list) and all(isinstance(s, str) and s for s in styles) and len(styles) == n_styles):
+        return f"styles {styles!r} are not the names of its {n_styles!r} styles"
     for key, kind in (("name", str), ("sample_rate", int), ("frame_rate", int), ("bandwidth", (int, float)),
                       ("n_codebooks", int), ("codebook_size", int)):
         if not has(ckpt["codec"], key, kind):

@@ -33,6 +33,9 @@ class Config:
     data_dir: str = "data/tokens"       # where prepare writes train.bin, val.bin, meta.json
     out_dir: str = "out"                # checkpoints, logs, plots, samples
     val_fraction: float = 0.1           # share of files (not frames) held out for validation
+    # "folders": a file's style is the name of its first-level folder under input_dir (files directly
+    # in input_dir have none); "none": no styles, the model is unconditional
+    styles: str = "folders"
     # --- codec ------------------------------------------------------------------------------
     # prepare.py: None = "encodec_24khz" (pretrained; an error when its weights cannot be had);
     # "untrained" = same architecture, no download, audio quality meaningless; "auto" = the
@@ -69,6 +72,7 @@ class Config:
     log_interval: int = 10
     sample_every: int = 1               # write a short progress sample every this many evaluations (0 = off)
     always_save_checkpoint: bool = False  # save at every eval even if val loss did not improve
+    cfg_dropout: float = 0.2            # with styles: share of training windows shown as "no style"
     # --- system -----------------------------------------------------------------------------
     device: str = "auto"                # auto = cuda, then mps, then cpu
     dtype: str = "auto"                 # auto = bfloat16 where supported (else float16 on cuda), float32, ...
@@ -87,6 +91,9 @@ class Config:
     context_stride: float = 0.25
     sample_dir: typing.Optional[str] = None  # WAVs, spectrograms and index.html (default: out_dir/samples)
     int8_decode: bool = False           # int8 weights for each generated step: ~1.5x faster on CPU, approximate
+    style: typing.Optional[str] = None  # a style the checkpoint knows, or "a,b" (num_samples each); None = any
+    # with a style: classifier-free guidance, logits = uncond + cfg_coef * (cond - uncond); 1 = none
+    cfg_coef: float = 3.0
 
 
 CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
@@ -101,6 +108,7 @@ RULES = {
     "sample_dir": ("None or a folder name", lambda v: v != ""),
     "prompt": ("None or a file name", lambda v: v != ""),
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "styles": ("'folders' (a file's first folder under input_dir) or 'none'", lambda v: v in ("folders", "none")),
     "codec": ("None or one of " + ", ".join(CODEC_NAMES), lambda v: v is None or v in CODEC_NAMES),
     "n_codebooks": ("in 1..8", lambda v: 1 <= v <= 8),
     "n_layer": (">= 1", lambda v: v >= 1),
@@ -125,6 +133,7 @@ RULES = {
     "eval_iters": (">= 1", lambda v: v >= 1),
     "log_interval": (">= 1", lambda v: v >= 1),
     "sample_every": (">= 0 (0 = off)", lambda v: v >= 0),
+    "cfg_dropout": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "device": ("auto, cpu, mps, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)),
     "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
     "seed": ("in 0..2**32-1", lambda v: 0 <= v < 2 ** 32),
@@ -134,6 +143,8 @@ RULES = {
     "top_k": (">= 1", lambda v: v >= 1),
     "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
     "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "style": ("None or style names separated by commas", lambda v: all(name.strip() for name in v.split(","))),
+    "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
 }
 
 

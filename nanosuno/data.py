@@ -8,10 +8,15 @@ prepare.py writes, into data_dir:
                       codebook_size, dtype, and per split its frames, the .bin's size and content
                       fingerprint, and its source files:
                       {"splits": {"train": {"frames": N, "bytes": B, "fingerprint": "...",
-                                            "files": [{"path", "offset", "frames"}]}}};
-                      and "baselines": per codebook the val cross-entropy of simple token
-                      statistics fitted on train (nanosuno/baselines.py), or None without val.
+                                            "files": [{"path", "style", "offset", "frames"}]}}};
+                      "styles": [{"name", "frames"}] sorted by name (a file's style is its
+                      first-level folder under input_dir, or None); and "baselines": per codebook
+                      the val cross-entropy of simple token statistics fitted on train
+                      (nanosuno/baselines.py), or None without val.
 JSON, never pickle. The per-file offsets keep training windows inside one recording.
+
+Style ids: style i of the sorted "styles" list has id i; id len(styles) means "no style" (a file
+without one, or a label dropped for classifier-free guidance).
 
 Everything read from disk is checked once, on load: read_meta checks meta.json's structure and
 numbers, open_split checks that the .bin is the one meta.json describes (a crash of prepare.py
@@ -30,7 +35,7 @@ from nanosuno.baselines import NAMES, baseline_losses
 from nanosuno.common import UserError, atomic_write_set
 from nanosuno.pattern import delay_interleave
 
-META_VERSION = 2          # 2: each split records its .bin's size and fingerprint
+META_VERSION = 3          # 2: each split records its .bin's size and fingerprint; 3: styles
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
 
@@ -58,6 +63,22 @@ def add_baselines(meta, tokens):
     meta["baselines"] = baseline_losses(tokens["train"], splits["train"]["files"], tokens["val"],
                                         splits["val"]["files"], meta["codebook_size"])
     return meta
+
+
+def styles_of(splits):
+    """meta.json's "styles": every style of the splits' files, sorted by name, with its frames (both
+    splits together)."""
+    frames = {}
+    for split in splits.values():
+        for f in split["files"]:
+            if f["style"] is not None:
+                frames[f["style"]] = frames.get(f["style"], 0) + f["frames"]
+    return [{"name": name, "frames": frames[name]} for name in sorted(frames)]
+
+
+def style_names(meta):
+    """The corpus's style names; a style's id is its index here (see the module doc)."""
+    return [s["name"] for s in meta["styles"]]
 
 
 def read_meta(data_dir):
@@ -108,9 +129,13 @@ def check_meta(meta):
                 return f"split {split}, file {i}: no path or no frames"
             if f.get("offset") != offset:
                 return f"split {split}, file {f['path']}: offset {f.get('offset')!r}, expected {offset}"
+            if "style" not in f or not (f["style"] is None or isinstance(f["style"], str) and f["style"]):
+                return f"split {split}, file {f['path']}: style {f.get('style')!r} is neither a folder name nor null"
             offset += f["frames"]
         if offset != info["frames"]:
             return f"split {split}: its files hold {offset} frames, not {info['frames']}"
+    if meta.get("styles") != styles_of(meta["splits"]):
+        return f"styles {meta.get('styles')!r} are not its files' styles with their frames"
     baselines = meta.get("baselines")
     if baselines is not None and not (isinstance(baselines, dict) and all(
             isinstance(baselines.get(name), list) and len(baselines[name]) == meta["n_codebooks"]
@@ -158,12 +183,16 @@ class Batches:
     warm-up exactly as generation does. A file shorter than a window is used whole and padded with
     the special token, whose targets the loss ignores: nothing real-looking is invented.
     Files are drawn in proportion to their number of window positions, so every position of the
-    corpus is equally likely. Randomness comes from a torch.Generator whose state goes into the
-    checkpoint (exact resume)."""
+    corpus is equally likely. Each window comes with its file's style id. Randomness comes from a
+    torch.Generator whose state goes into the checkpoint (exact resume)."""
 
     def __init__(self, data_dir, meta, split, n_codebooks, block_size, seed=0):
         self.tokens = open_split(data_dir, meta, split)
         self.files = meta["splits"][split]["files"]
+        names = style_names(meta)
+        self.n_styles = len(names)
+        ids = {name: i for i, name in enumerate(names)}
+        self.styles = torch.tensor([ids.get(f["style"], self.n_styles) for f in self.files], dtype=torch.long)
         self.n_codebooks, self.special = n_codebooks, meta["codebook_size"]
         self.steps = block_size + 1
         self.starts = torch.tensor([max(1, f["frames"] - self.steps + 1) for f in self.files], dtype=torch.float64)
@@ -172,8 +201,10 @@ class Batches:
     def __bool__(self):
         return self.tokens is not None
 
-    def sample(self, batch_size, device="cpu"):
-        """-> inputs, targets: (B, K, block_size) int64 codes in the delayed layout."""
+    def sample(self, batch_size, device="cpu", style_dropout=0.0):
+        """-> inputs, targets: (B, K, block_size) int64 codes in the delayed layout, and styles: (B,)
+        the style id of each window, replaced by "no style" with probability style_dropout (a corpus
+        without styles draws nothing for it: its batches are exactly those of a run without it)."""
         g = self.generator
         which = torch.multinomial(self.starts, batch_size, replacement=True, generator=g).tolist()
         crops = np.full((batch_size, self.steps, self.n_codebooks), self.special, dtype=np.int64)
@@ -184,11 +215,14 @@ class Batches:
             crops[b, :n] = self.tokens[start:start + n, :self.n_codebooks]
         codes = torch.from_numpy(crops).transpose(1, 2)                  # (B, K, steps) frames
         window = delay_interleave(codes, self.special)[:, :, :self.steps]  # (B, K, steps) delayed
+        styles = self.styles[which]
+        if self.n_styles and style_dropout:
+            styles = styles.masked_fill(torch.rand(batch_size, generator=g) < style_dropout, self.n_styles)
         if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
             window = window.pin_memory().to(device, non_blocking=True)
         else:
             window = window.to(device)
-        return window[:, :, :-1], window[:, :, 1:]
+        return window[:, :, :-1], window[:, :, 1:], styles.to(device)
 
 
 def assign_splits(names, val_fraction):
@@ -210,8 +244,9 @@ def write_tokens(data_dir, meta, sources):
     """Write train.bin, val.bin and meta.json as one set: all three under temporary names first,
     then renamed, meta.json last (atomic_write_set), so that a failed run leaves the old set valid
     and a crash between renames is caught by open_split. sources: {split: iterable of (file entry,
-    codes (n_codebooks, frames))}; each entry ({"path": ...}) gets its offset and frames. Holds one
-    file's codes at a time. Returns meta with its splits and baselines filled in."""
+    codes (n_codebooks, frames))}; each entry ({"path": ..., "style": ...}) gets its offset and
+    frames. Holds one file's codes at a time. Returns meta with its splits, styles and baselines
+    filled in."""
     written = {}   # split: its temporary file
 
     def split_writer(split):
@@ -228,6 +263,7 @@ def write_tokens(data_dir, meta, sources):
         return write
 
     def write_meta(tmp):
+        meta["styles"] = styles_of(meta["splits"])
         add_baselines(meta, {split: np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(info["frames"], meta["n_codebooks"]))
                              for split, path in written.items() if (info := meta["splits"][split])["frames"]})
         with open(tmp, "w") as f:

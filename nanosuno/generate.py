@@ -21,6 +21,13 @@ Longer than the context: the KV cache holds block_size steps. When it is full, t
 the most recent `block_size - stride` steps are kept, their warm-up triangle is re-applied (as if
 the kept frames were a fresh prompt, i.e. a training window starting there) and they are
 prefilled again from position 0. Cost: one prefill per `stride` generated steps.
+
+Styles and classifier-free guidance (a model trained with style labels, see model.py): each piece
+can be asked for in a style. With a guidance coefficient, every piece runs as two streams in one
+batch, conditional (its style) and unconditional ("no style"), through the same cache, prompt and
+window slides; each step samples once from uncond + coef * (cond - uncond) and feeds the same codes
+to both streams. coef = 1 gives exactly the conditional logits; larger values push further away
+from what the style does not change (MusicGen's default is 3).
 """
 import torch
 import torch.nn.functional as F
@@ -30,12 +37,13 @@ from nanosuno.config import check_value
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
-def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, seconds=None):
+def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, seconds=None,
+                   cfg_coef=None):
     """Refuse settings that cannot sample, with the setting's name in one line: the ranges of the
     config system (config.RULES), and top_k within the codebook. generate() checks its arguments
     with this; sample.py calls it before it loads the codec or writes anything."""
     values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                  context_stride=context_stride, seconds=seconds)
+                  context_stride=context_stride, seconds=seconds, cfg_coef=cfg_coef)
     for key, value in values.items():
         if value is not None:
             check_value(key, value)
@@ -67,6 +75,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
     return (pick if codes is None else codes.gather(-1, pick)).squeeze(-1)
 
 
+def guide(logits, cfg_coef):
+    """Classifier-free guidance: logits (2B, K, V), the conditional streams then the unconditional
+    ones -> (B, K, V) = uncond + coef * (cond - uncond), written as cond + (coef - 1) * (cond - uncond)
+    so that coef = 1 gives the conditional logits bit for bit."""
+    cond, uncond = logits.to(torch.promote_types(logits.dtype, torch.float32)).chunk(2)
+    return cond + (cfg_coef - 1) * (cond - uncond)
+
+
 def context_keep_steps(block_size, context_stride, n_codebooks):
     """Steps kept when the window slides: block_size minus the stride (a fraction of block_size).
     At least K - 1 are kept, so that the re-applied warm-up triangle lies inside the re-read steps
@@ -84,8 +100,8 @@ def prompt_frames_used(model, prompt_frames, context_stride=0.25):
 
 @torch.inference_mode()
 def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
-             seed=1337, context_stride=0.25, progress=None):
-    """Sample `num_samples` pieces of `new_frames` new frames in one batch.
+             seed=1337, context_stride=0.25, progress=None, styles=None, cfg_coef=None):
+    """Sample `num_samples` pieces (per style) of `new_frames` new frames in one batch.
 
     prompt       optional un-delayed codes (K, frames) to continue, of any length: its last
                  prompt_frames_used() frames come first in every piece (forced, not sampled).
@@ -93,15 +109,33 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
     seed         same seed, same settings -> same codes (a private torch.Generator).
     context_stride  fraction of block_size dropped each time the window slides (see module doc).
     progress     optional tqdm-like object: .update(1) per model step; a tqdm bar is told the total.
-    Returns un-delayed codes (num_samples, K, prompt frames used + new_frames), never the special token.
+    styles       None: unconditional. A list of style ids of the model: num_samples pieces in each,
+                 style by style (the batch is len(styles) * num_samples pieces).
+    cfg_coef     None: plain conditional sampling. A number (with styles): classifier-free guidance
+                 with this coefficient, conditional and unconditional streams in one batch of twice
+                 the pieces (see module doc).
+    Returns un-delayed codes (pieces, K, prompt frames used + new_frames), never the special token.
     """
     cfg = model.config
     K, special, device = cfg.n_codebooks, cfg.codebook_size, model.lm_heads.weight.device
-    check_sampling(special, temperature, top_k, top_p, num_samples, context_stride)
+    check_sampling(special, temperature, top_k, top_p, num_samples, context_stride, cfg_coef=cfg_coef)
     if new_frames < 1:
         raise ValueError(f"new_frames must be at least 1, got {new_frames}")
     if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
         raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
+    if styles is not None and not (styles and all(0 <= s < cfg.n_styles for s in styles)):
+        raise ValueError(f"styles must be ids in 0..{cfg.n_styles - 1} (the model's styles), got {styles}")
+    if cfg_coef is not None and styles is None:
+        raise ValueError("cfg_coef guides towards a style: give styles too")
+    B = num_samples * (1 if styles is None else len(styles))
+    # the model's streams: the pieces, then (guided) each piece again without its style
+    guided, stream_styles = cfg_coef is not None, None
+    if styles is not None:
+        stream_styles = torch.tensor(styles, device=device).repeat_interleave(num_samples)
+        if guided:
+            stream_styles = torch.cat([stream_styles, torch.full_like(stream_styles, cfg.n_styles)])
+    both = (lambda codes: torch.cat([codes, codes])) if guided else (lambda codes: codes)
+    streams = 2 * B if guided else B
     P = 0 if prompt is None else prompt_frames_used(model, prompt.shape[1], context_stride)
     keep = context_keep_steps(cfg.block_size, context_stride, K)
     steps = P + new_frames + K - 1
@@ -112,7 +146,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
 
     # the whole delayed sequence, preallocated. Prompt frames and the warm-up triangle are written
     # now and forced below: at step s stream k is forced while s - k < P (s < k is warm-up: special)
-    delayed = torch.full((num_samples, K, steps), special, dtype=torch.long, device=device)
+    delayed = torch.full((B, K, steps), special, dtype=torch.long, device=device)
     if P:
         delayed[:, :, :P + K - 1] = delay_interleave(prompt[:, -P:].to(device), special)
     forced_until = P + K - 1        # from this step on nothing is forced
@@ -125,14 +159,17 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
             codes[:, k, :k] = special
         return codes
 
-    cache = model.new_cache(num_samples)
+    cache = model.new_cache(streams)
     if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
-        logits = model.prefill(window(0, P), cache)
+        logits = model.prefill(both(window(0, P)), cache, stream_styles)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
-        logits = model.prefill(torch.full((num_samples, K, 1), special, dtype=torch.long, device=device), cache)
+        start = torch.full((streams, K, 1), special, dtype=torch.long, device=device)
+        logits = model.prefill(start, cache, stream_styles)
         cache.reset()
 
     for s in range(P, steps):
+        if guided:
+            logits = guide(logits, cfg_coef)
         codes = sample_next(logits, temperature, top_k, top_p, generator)  # (B, K) for step s
         if s < forced_until:
             codes = torch.where(forced[:, s], delayed[:, :, s], codes)
@@ -142,9 +179,9 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
         if s == steps - 1:
             break
         if cache.length < cache.max_len:
-            logits = model.decode_step(codes, cache)
+            logits = model.decode_step(both(codes), cache, stream_styles)
         else:   # context full: slide the window, re-read the most recent `keep` steps
             cache.reset()
-            logits = model.prefill(window(s + 1 - keep, s + 1), cache)
+            logits = model.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)
 
     return delay_deinterleave(delayed)

@@ -7,6 +7,11 @@ codebook. Token id `codebook_size` is the special "no code here" token: it can b
 warm-up, padding), it is never a target that counts, and it can never be sampled (the heads have
 no logit for it).
 
+With n_styles > 0 the model is conditioned on a style label: one learned vector per style, plus one
+for "no style" (id n_styles), is added to every step's input. Trained with labels randomly dropped
+to "no style", the same model is also unconditional, which classifier-free guidance needs
+(generate.py). With n_styles = 0 (the default) there is no style table at all.
+
 Generation uses a KV cache: `prefill` runs the prompt once (the same Block code as training),
 then `decode_step` costs O(current length) per step. decode_step is forward() for one step
 written out flat, because at batch 1 on a CPU per-call overhead is a large part of a step; a
@@ -32,6 +37,7 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = False              # biases in Linears and LayerNorms (False: a bit better and faster)
+    n_styles: int = 0               # style labels (0 = unconditional: no style table)
 
 
 class KVCache:
@@ -159,6 +165,8 @@ class GPT(nn.Module):
         # K embedding tables of V + 1 rows (the +1 is the special token), stored as one table so
         # that embedding a step is a single lookup: row = code + k * (V + 1)
         self.wte = nn.Embedding(K * (V + 1), config.n_embd)
+        if config.n_styles:  # one row per style and a last one for "no style"
+            self.style_emb = nn.Embedding(config.n_styles + 1, config.n_embd)
         self.register_buffer("code_offsets", torch.arange(K).view(1, K, 1) * (V + 1), persistent=False)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -183,18 +191,30 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.style_emb.weight.numel() if self.config.n_styles else 0
         return n
 
-    def forward(self, codes, targets=None, cache=None, last_only=False):
+    def add_style(self, x, styles):
+        """x (B, T, C) or (B, C) plus each sample's style vector. styles: (B,) ids, None = all "no
+        style". A model without styles has nothing to add (every id means "no style" to it)."""
+        if not self.config.n_styles:
+            return x
+        if styles is None:
+            styles = torch.full((x.shape[0],), self.config.n_styles, dtype=torch.long, device=x.device)
+        s = F.embedding(styles, self.style_emb.weight)
+        return x + (s[:, None] if x.dim() == 3 else s)
+
+    def forward(self, codes, targets=None, cache=None, last_only=False, styles=None):
         """codes (B, K, T) -> logits (B, K, T, V) and the loss (None without targets).
         With a cache, the steps are appended after the cached ones; last_only returns only the
-        last step's logits (B, K, 1, V), which is all generation needs."""
+        last step's logits (B, K, 1, V), which is all generation needs. styles: (B,) style ids
+        (see add_style)."""
         B, K, T = codes.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} steps exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=codes.device)
-        x = self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos)   # (B, T, C)
+        x = self.add_style(self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos), styles)   # (B, T, C)
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)
@@ -216,9 +236,9 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     @torch.no_grad()
-    def prefill(self, codes, cache):
+    def prefill(self, codes, cache, styles=None):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
-        return self(codes, cache=cache, last_only=True)[0][:, :, -1]
+        return self(codes, cache=cache, last_only=True, styles=styles)[0][:, :, -1]
 
     def prepare_decode(self, int8=False):
         """Build decode_step's view of the weights: a plain dict of the parameters per block, then
@@ -239,8 +259,8 @@ class GPT(nn.Module):
         return self
 
     @torch.no_grad()
-    def decode_step(self, codes, cache):
-        """One step (B, K) -> logits (B, K, V) for the step after it.
+    def decode_step(self, codes, cache, styles=None):
+        """One step (B, K) -> logits (B, K, V) for the step after it (styles: see add_style).
         This is forward() for a single step, written out with functional calls: a step is only
         ~1 ms of work on a CPU, and forward's module calls, nn.Module attribute lookups (~150 a
         step), no-op dropouts, reshapes and separate residual adds would cost a third as much
@@ -253,6 +273,7 @@ class GPT(nn.Module):
             self.prepare_decode()
         *layers, heads = self.decode_weights
         x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
+        x = self.add_style(x, styles)
         for w, kv in zip(layers, cache.kv):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
             qkv = _linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)

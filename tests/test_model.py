@@ -7,10 +7,10 @@ from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
 
 
-def tiny(K=8, block_size=64, dropout=0.0):
+def tiny(K=8, block_size=64, dropout=0.0, n_styles=0):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
-                         n_embd=32, dropout=dropout)).eval()
+                         n_embd=32, dropout=dropout, n_styles=n_styles)).eval()
 
 
 def test_small_config_parameter_count():
@@ -65,23 +65,44 @@ def test_causality(K):
     assert not torch.allclose(before[:, :, 20:], after[:, :, 20:])
 
 
-@pytest.mark.parametrize("K", [1, 8])
-def test_cached_decoding_matches_full_forward(K):
-    model = tiny(K)
+@pytest.mark.parametrize("K,n_styles", [(1, 0), (8, 0), (8, 3)])
+def test_cached_decoding_matches_full_forward(K, n_styles):
+    model = tiny(K, n_styles=n_styles)
     codes = torch.randint(0, 65, (2, K, 48))
-    full, _ = model(codes)
+    styles = torch.tensor([0, 3]) if n_styles else None     # a style and "no style"
+    full, _ = model(codes, styles=styles)
     cache = model.new_cache(2)
-    steps = [model.prefill(codes[:, :, :16], cache)]
+    steps = [model.prefill(codes[:, :, :16], cache, styles)]
     for t in range(16, 47):
-        steps.append(model.decode_step(codes[:, :, t], cache))
+        steps.append(model.decode_step(codes[:, :, t], cache, styles))
     assert cache.length == 47
     incremental = torch.stack(steps, dim=2)            # logits for steps 15..46
     torch.testing.assert_close(incremental, full[:, :, 15:47], atol=1e-5, rtol=1e-5)
     # a chunk after cached steps (the masked path) agrees too
     cache = model.new_cache(2)
-    model(codes[:, :, :10], cache=cache)
-    chunk, _ = model(codes[:, :, 10:30], cache=cache)
+    model(codes[:, :, :10], cache=cache, styles=styles)
+    chunk, _ = model(codes[:, :, 10:30], cache=cache, styles=styles)
     torch.testing.assert_close(chunk, full[:, :, 10:30], atol=1e-5, rtol=1e-5)
+
+
+def test_style_embedding():
+    """Every step's input gets its style's vector: each style gives other logits at every step, no
+    styles given means "no style" (id n_styles); the table is one row per style plus one, counted as
+    an embedding, trained by AdamW. Without styles the model has no table at all."""
+    model = tiny(K=2, n_styles=3)
+    codes = torch.randint(0, 65, (1, 2, 12))
+    logits = [model(codes, styles=torch.tensor([s]))[0] for s in range(4)]
+    for a in range(4):
+        for b in range(a):
+            assert (logits[a] - logits[b]).abs().amax(-1).min() > 1e-3   # differ at every step and codebook
+    assert torch.equal(model(codes)[0], logits[3])
+    assert model.style_emb.weight.shape == (4, 32)
+    plain = tiny(K=2)
+    assert model.get_num_params() == plain.get_num_params()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters()) + 4 * 32
+    adamw = model.configure_optimizers(1e-3, 0.02, 0.0, (0.9, 0.95)).param_groups[1]
+    assert any(p is model.style_emb.weight for p in adamw["params"])
+    assert not hasattr(plain, "style_emb") and "style" not in "".join(plain.state_dict())
 
 
 def test_context_longer_than_block_size_is_refused():

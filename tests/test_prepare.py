@@ -152,6 +152,35 @@ def test_an_interrupted_run_resumes(tmp_path, capsys, monkeypatch):
     assert read_bytes(tmp_path / "again") == read_bytes(tmp_path / "tokens")
 
 
+def test_first_level_folders_become_styles(tmp_path, capsys, monkeypatch):
+    """A file's style is its first folder under input_dir (none directly in it); meta.json lists the
+    styles with their frames and the summary line prints them. --styles=none drops them, re-using
+    every cached file: the tokens are the same, only the labels differ."""
+    corpus = tmp_path / "wavs"
+    for folder in ("calm", "loud/live"):
+        os.makedirs(corpus / folder)
+    sf.write(corpus / "calm" / "a.wav", music(0.5, 24000, index=1), 24000)
+    sf.write(corpus / "loud" / "b.wav", music(0.6, 24000, index=2), 24000)
+    sf.write(corpus / "loud" / "live" / "c.wav", music(0.4, 24000, index=3), 24000)
+    sf.write(corpus / "d.wav", music(0.3, 24000, index=4), 24000)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "; styles: calm (38 frames), loud (75 frames)" in out   # 0.5 s, and 0.6 s + 0.4 s, at 75 frames/s
+    meta = read_meta(tmp_path / "tokens")
+    files = {f["path"]: f["style"] for s in meta["splits"].values() for f in s["files"]}
+    assert files == {"calm/a.wav": "calm", "loud/b.wav": "loud", "loud/live/c.wav": "loud", "d.wav": None}
+    assert meta["styles"] == [{"name": "calm", "frames": 38}, {"name": "loud", "frames": 75}]
+    tokens = {name: data for name, data in read_bytes(tmp_path / "tokens").items() if name != "meta.json"}
+
+    calls = count_encodes(monkeypatch)
+    out = run(capsys, corpus, tmp_path / "tokens", "--styles=none")
+    assert "0 to encode, 4 cached" in out and calls["started"] == 0 and "; styles: none" in out
+    meta = read_meta(tmp_path / "tokens")
+    assert meta["styles"] == [] and all(f["style"] is None for s in meta["splits"].values() for f in s["files"])
+    assert {name: data for name, data in read_bytes(tmp_path / "tokens").items() if name != "meta.json"} == tokens
+    with pytest.raises(UserError, match="styles must be 'folders' .* or 'none', got 'genre'"):
+        run(capsys, corpus, tmp_path / "tokens", "--styles=genre")
+
+
 def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "wavs"
     os.makedirs(corpus / "locked")

@@ -22,10 +22,10 @@ from nanosuno.pattern import delay_deinterleave, delay_interleave
 V = 1024  # the codec's codebook size; the special token is V
 
 
-def tiny_model(K=4, block_size=64, codebook_size=V, seed=0):
+def tiny_model(K=4, block_size=64, codebook_size=V, seed=0, n_styles=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=codebook_size, n_layer=2,
-                         n_head=2, n_embd=32)).eval()
+                         n_head=2, n_embd=32, n_styles=n_styles)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,12 @@ def codec():
     return load_codec("untrained")
 
 
-def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None):
-    model = tiny_model(K, block_size)
+def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None, styles=()):
+    model = tiny_model(K, block_size, n_styles=len(styles))
     save_checkpoint(str(out_dir), {
         "model": model.state_dict(), "model_args": vars(model.config).copy(), "iter_num": 7, "best_val_loss": 9.9,
         "codec": {**codec.info(K), "name": codec_name or codec.name},
-        "config": {}})
+        "config": {}, "styles": list(styles)})
     return str(out_dir)
 
 
@@ -47,9 +47,11 @@ def run_sample(out_dir, *args):
     return os.path.join(out_dir, "samples")
 
 
-def reference_greedy(model, frames, prompt=None, context_stride=0.25):
+def reference_greedy(model, frames, prompt=None, context_stride=0.25, style=None, cfg_coef=None):
     """Greedy generation the slow, obvious way: every step runs the plain forward (no cache) over the
-    current window of delayed steps, re-applying the warm-up triangle at the window's start."""
+    current window of delayed steps, re-applying the warm-up triangle at the window's start. With a
+    style: conditioned on it; with cfg_coef too: uncond + cfg_coef * (cond - uncond), the
+    unconditional logits from a second forward without the style."""
     K, special, block_size = model.config.n_codebooks, model.config.codebook_size, model.config.block_size
     keep = context_keep_steps(block_size, context_stride, K)
     P = 0 if prompt is None else prompt.shape[1]
@@ -67,7 +69,11 @@ def reference_greedy(model, frames, prompt=None, context_stride=0.25):
             inputs = delayed[:, :, start:s].clone()
             for k in range(1, K):
                 inputs[:, k, :k] = special
-        codes = model(inputs)[0][:, :, -1].argmax(-1)
+        logits = model(inputs, styles=None if style is None else torch.tensor([style]))[0][:, :, -1]
+        if cfg_coef is not None:
+            uncond = model(inputs)[0][:, :, -1]
+            logits = uncond + cfg_coef * (logits - uncond)
+        codes = logits.argmax(-1)
         for k in range(K):
             if s - k < P:                       # warm-up (special) or prompt: forced
                 codes[:, k] = delayed[:, k, s]
@@ -97,20 +103,44 @@ def test_sampling_is_reproducible_with_a_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("K,block_size,frames,prompt_frames", [
-    (4, 64, 30, 0), (4, 64, 30, 9), (1, 64, 20, 3),
-    (4, 16, 100, 0), (3, 16, 60, 12), (4, 16, 60, 40),    # these slide the window
-    (8, 8, 40, 0)])                                        # keeps K - 1 steps, not 6
-def test_cached_greedy_equals_full_recompute(K, block_size, frames, prompt_frames):
-    model = tiny_model(K, block_size).double()  # float64: no argmax flips from rounding
+@pytest.mark.parametrize("K,block_size,frames,prompt_frames,style,cfg_coef", [
+    (4, 64, 30, 0, None, None), (4, 64, 30, 9, None, None), (1, 64, 20, 3, None, None),
+    (4, 16, 100, 0, None, None), (3, 16, 60, 12, None, None), (4, 16, 60, 40, None, None),  # these slide
+    (8, 8, 40, 0, None, None),                                                   # keeps K - 1 steps, not 6
+    (4, 64, 30, 9, 1, None), (4, 16, 60, 12, 0, None),        # conditional: a style, no guidance
+    (4, 64, 30, 0, 1, 3.0), (3, 16, 60, 12, 0, 2.0), (8, 8, 40, 0, 1, 5.0)])   # guided
+def test_cached_greedy_equals_full_recompute(K, block_size, frames, prompt_frames, style, cfg_coef):
+    model = tiny_model(K, block_size, n_styles=2).double()  # float64: no argmax flips from rounding
     prompt = torch.randint(0, V, (K, prompt_frames)) if prompt_frames else None
-    fast = generate(model, frames - prompt_frames, prompt, temperature=0, context_stride=0.25)
-    slow = reference_greedy(model, frames, prompt, context_stride=0.25)
+    fast = generate(model, frames - prompt_frames, prompt, temperature=0, context_stride=0.25,
+                    styles=None if style is None else [style], cfg_coef=cfg_coef)
+    slow = reference_greedy(model, frames, prompt, context_stride=0.25, style=style, cfg_coef=cfg_coef)
     # generate() continues only the prompt's last frames that fit the context: the same codes
     used = prompt_frames_used(model, prompt_frames, context_stride=0.25)
     slow = slow[:, :, prompt_frames - used:]
     assert fast.shape == (1, K, used + frames - prompt_frames)
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("block_size,prompt_frames", [(64, 0), (64, 9), (16, 12)])   # 16: slides
+def test_guidance_at_coef_1_is_conditional_sampling(block_size, prompt_frames):
+    """cfg_coef = 1 through the guided path (conditional and unconditional streams in one batch, the
+    sampler on the combined logits) gives exactly the codes of plain conditional sampling, which runs
+    no unconditional stream; other coefficients give other codes. Several styles and samples per
+    style in one batch: the pieces come style by style, each as if generated alone."""
+    # float64: the batch of 2B and the batch of B cannot round differently enough to flip a pick
+    model = tiny_model(K=4, block_size=block_size, n_styles=3).double()
+    prompt = torch.randint(0, V, (4, prompt_frames)) if prompt_frames else None
+    settings = dict(temperature=1.0, top_k=50, num_samples=2, seed=3)
+    conditional = generate(model, 50, prompt, styles=[2, 0], **settings)
+    guided = generate(model, 50, prompt, styles=[2, 0], cfg_coef=1.0, **settings)
+    assert conditional.shape[0] == 4 and torch.equal(guided, conditional)
+    assert not torch.equal(generate(model, 50, prompt, styles=[2, 0], cfg_coef=3.0, **settings), conditional)
+    greedy = dict(settings, temperature=0.0)
+    both = generate(model, 50, prompt, styles=[2, 0], **greedy)
+    assert torch.equal(both[:2], generate(model, 50, prompt, styles=[2], **greedy))
+    assert torch.equal(both[2:], generate(model, 50, prompt, styles=[0], **greedy))
+    assert not torch.equal(both[:2], both[2:])
 
 
 def test_seed_reproducible_and_prompt_is_prefix():
@@ -168,6 +198,23 @@ def test_wav_length_and_index(tmp_path, codec, K):
         assert setting in page
 
 
+def test_styles_through_sample_py(tmp_path, codec):
+    """--style=b,a: num_samples pieces per style in one batch, each labelled in index.html with its
+    style and cfg_coef; an unknown style names the ones the checkpoint knows."""
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2, styles=("a", "b"))
+    sample_dir = run_sample(out_dir, "--seconds=0.2", "--num_samples=2", "--style=b,a", "--cfg_coef=2.5")
+    assert sorted(f for f in os.listdir(sample_dir) if f.endswith(".wav")) == [f"sample_00{i}.wav" for i in range(4)]
+    page = open(os.path.join(sample_dir, "index.html")).read()
+    labels = [page[page.index(f"<h2>sample_00{i}</h2>"):].split("<p>")[1].split("</p>")[0] for i in range(4)]
+    assert labels == ["style b, cfg_coef 2.5"] * 2 + ["style a, cfg_coef 2.5"] * 2
+    assert "<th>style</th><td>b, a</td>" in page and "<th>cfg_coef</th><td>2.5</td>" in page
+    run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'plain'}")   # no style: unconditional
+    assert "<p>no style (unconditional)</p>" in open(tmp_path / "plain" / "index.html").read()
+    with pytest.raises(UserError, match="unknown style 'c': .*ckpt.pt knows a, b"):
+        run_sample(out_dir, "--style=a,c", f"--sample_dir={tmp_path / 'none'}")
+    assert not os.path.exists(tmp_path / "none")
+
+
 def test_prompt_continuation_through_sample_py(tmp_path, codec):
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=8, block_size=64)
     t = torch.arange(24000) / 24000
@@ -192,6 +239,9 @@ def test_prompt_continuation_through_sample_py(tmp_path, codec):
     (["--temperature=-1"], r"setting 'temperature' must be >= 0"),
     (["--num_samples=0"], r"setting 'num_samples' must be >= 1"),
     (["--context_stride=0"], r"setting 'context_stride' must be in \(0, 1\]"),
+    (["--cfg_coef=-1"], r"setting 'cfg_coef' must be >= 0"),
+    (["--style=a,,b"], r"setting 'style' must be None or style names separated by commas"),
+    (["--style=jazz"], r"ckpt.pt was trained without styles .*: leave style unset"),
     (["--codec=encodec_24khz"], "codec mismatch: .* was trained on untrained tokens but codec=encodec_24khz"),
     (["--prompt=PROMPT"], "bad.wav"),
     (["--prompt=MISSING"], "nope.wav"),

@@ -80,13 +80,17 @@ def test_progress_samples(token_corpus, tmp_path):
     assert "MEANINGLESS" in page
 
 
-def test_resume_is_exact(token_corpus, tmp_path):
-    """N iterations + resume + N iterations = 2N iterations, bit for bit, on CPU."""
-    common = ["--eval_interval=1000", "--dropout=0.1", "--gradient_accumulation_steps=2"]
-    run(token_corpus, tmp_path / "split", "--max_iters=6", *common)
-    run(token_corpus, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
-    run(token_corpus, tmp_path / "whole", "--max_iters=12", *common)
+def test_resume_is_exact(tmp_path):
+    """N iterations + resume + N iterations = 2N iterations, bit for bit, on CPU; with style labels
+    dropped at random (cfg_dropout) too."""
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[400, 300, 50], val_file_frames=[200], styles=["a", "b", None, "a"])
+    common = ["--eval_interval=1000", "--dropout=0.1", "--gradient_accumulation_steps=2", "--cfg_dropout=0.5"]
+    run(data, tmp_path / "split", "--max_iters=6", *common)
+    run(data, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
+    run(data, tmp_path / "whole", "--max_iters=12", *common)
     split, whole = load(tmp_path / "split"), load(tmp_path / "whole")
+    assert whole["styles"] == ["a", "b"] and whole["model"]["style_emb.weight"].shape == (3, 32)
     assert split["iter_num"] == whole["iter_num"] == 12
     for name, tensor in whole["model"].items():
         assert torch.equal(split["model"][name], tensor), name
@@ -107,18 +111,43 @@ def test_batches_stay_inside_one_file_and_pad_with_special(tmp_path):
     from nanosuno.data import Batches, read_meta
     data = tmp_path / "tokens"
     # file i holds only code i + 1 in every codebook: a window mixing files would mix codes
-    meta = write_token_corpus(data, file_frames=[40, 5, 40], codes_of=lambda split, i, frames: np.full((8, frames), i + 1))
+    meta = write_token_corpus(data, file_frames=[40, 5, 40], styles=["rock", None, "jazz"],
+                              codes_of=lambda split, i, frames: np.full((8, frames), i + 1))
     batches = Batches(str(data), read_meta(str(data)), "train", n_codebooks=8, block_size=16)
-    x, y = batches.sample(64)
-    assert x.shape == y.shape == (64, 8, 16)
+    x, y, styles = batches.sample(64)
+    assert x.shape == y.shape == (64, 8, 16) and styles.shape == (64,)
     assert torch.equal(x[:, :, 1:], y[:, :, :-1])
-    for window in torch.cat([x, y[:, :, -1:]], dim=2):
+    for window, style in zip(torch.cat([x, y[:, :, -1:]], dim=2), styles.tolist()):
         real = window[window != 1024].unique()
         assert len(real) == 1                                  # one file per window
         assert all(window[k, :k].eq(1024).all() for k in range(8))   # delay warm-up
         if real.item() == 2:                                   # the 5-frame file: padded, not dropped
             assert window[0, 5:].eq(1024).all()
+        # its file's style id: styles sorted by name (jazz 0, rock 1), 2 = no style
+        assert style == {1: 1, 2: 2, 3: 0}[real.item()]
     assert meta["splits"]["train"]["frames"] == 85
+    assert meta["styles"] == [{"name": "jazz", "frames": 40}, {"name": "rock", "frames": 40}]
+
+
+def test_style_dropout_uses_the_batch_generator_only_with_styles(tmp_path):
+    """Labels become "no style" at the cfg_dropout rate; a corpus without styles draws nothing for it,
+    so its batches (and the generator's state after them) are those of a run without dropout."""
+    from nanosuno.data import Batches, read_meta
+    for styled in (True, False):
+        data = tmp_path / f"tokens_{styled}"
+        write_token_corpus(data, file_frames=[40, 40], styles=["a", "b"] if styled else None)
+        make = lambda: Batches(str(data), read_meta(str(data)), "train", n_codebooks=8, block_size=16, seed=3)
+        plain, dropped = make(), make()
+        x0, _, s0 = plain.sample(4000)
+        x1, _, s1 = dropped.sample(4000, style_dropout=0.25)
+        assert torch.equal(x0, x1)                            # the same windows
+        if styled:
+            assert set(s0.tolist()) == {0, 1}
+            changed = s1 != s0
+            assert s1[changed].eq(2).all() and 0.22 < changed.float().mean() < 0.28
+        else:
+            assert s0.eq(0).all() and torch.equal(s0, s1)     # id 0 = "no style" when there are none
+            assert torch.equal(plain.generator.get_state(), dropped.generator.get_state())
 
 
 def test_missing_data_says_run_prepare(tmp_path):
@@ -144,8 +173,19 @@ def test_too_many_codebooks(tmp_path):
 def test_resume_refuses_other_codec_or_shape(token_corpus, tmp_path):
     out = tmp_path / "out"
     run(token_corpus, out, "--max_iters=2", "--eval_interval=1000")
+    ckpt = load(out)    # a corpus without styles: the model has no style table at all
+    assert ckpt["styles"] == [] and ckpt["model_args"]["n_styles"] == 0
+    assert not [name for name in ckpt["model"] if "style" in name]
     with pytest.raises(UserError, match="another model shape .*n_embd 32 -> 48"):
         run(token_corpus, out, "--max_iters=4", "--init_from=resume", "--n_embd=48")
+    styled, other = tmp_path / "styled", tmp_path / "other_styles"
+    write_token_corpus(styled, file_frames=[400, 300], styles=["a", "b"])
+    write_token_corpus(other, file_frames=[400, 300], styles=["a", "c"])
+    with pytest.raises(UserError, match="another model shape .*n_styles 0 -> 2"):
+        run(styled, out, "--max_iters=4", "--init_from=resume")
+    run(styled, tmp_path / "styled_out", "--max_iters=2", "--eval_interval=1000")
+    with pytest.raises(UserError, match=r"it learned the styles \['a', 'b'\] but .* has \['a', 'c'\]"):
+        run(other, tmp_path / "styled_out", "--max_iters=4", "--init_from=resume")
     other = tmp_path / "other"
     write_token_corpus(other, file_frames=[400], codec="encodec_24khz")
     with pytest.raises(UserError, match="codec mismatch"):
