@@ -99,6 +99,16 @@ def baseline_losses(train_tokens, train_files, val_tokens, val_files, codebook_s
     return out
 
 
+def unigrams(codes, codebook_size):
+    """Per codebook, how often each code occurs, add-one smoothed: codes [frames, K] -> (K, V)."""
+    return np.stack([_unigram(np.asarray(codes[:, k], dtype=np.int64), codebook_size) for k in range(codes.shape[1])])
+
+
+def unigram_kl(p, q):
+    """Mean over codebooks of KL(p || q), in nats, between per-codebook unigrams (K, V)."""
+    return float((p * np.log(p / q)).sum(1).mean())
+
+
 def best_baseline(baselines, n_codebooks=None):
     """Per codebook, the lowest CE of the simple baselines (the one to beat)."""
     K = n_codebooks or len(baselines["unigram"])
