@@ -5,6 +5,7 @@ Throughput benchmarks. They print figures and assert nothing (never part of the 
     python bench.py train [--compile] [--batch_size=N]
     python bench.py sample
     python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seed=N]
+    python bench.py steer --data_dir=DIR --out_dir=DIR [--seconds=10] [--num_samples=8]
     python bench.py all          (prepare, train, sample)
 
 Each measurement runs in a fresh process, so that its peak memory (RSS high-water mark) is its own.
@@ -18,6 +19,10 @@ under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
 
 learn: how much config/small.py's model learns in a fixed budget on a real corpus, per codebook,
 next to the simple baselines and a single-codebook model given the same budget.
+
+steer: how far a model trained on a corpus with style folders steers: per-codebook code statistics
+of pieces generated in each style, unconditionally and at several cfg_coef, against each style's
+own; and what guidance costs in generation speed.
 """
 import argparse
 import multiprocessing
@@ -385,6 +390,63 @@ def _cpu_name():
         return platform.processor() or "unknown CPU"
 
 
+# --- steer -----------------------------------------------------------------------------------------
+
+def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0, 5.0), seed=1337):
+    """A checkpoint trained with styles generates num_samples pieces of `seconds` in every style (one
+    batch per cfg_coef, as sample.py does), and num_samples per style without one. Each row: the KL
+    (nats, mean over codebooks) from the pieces' per-codebook unigram statistics to each style's own
+    (its train files); the first rows put the styles' own statistics side by side for scale. margin:
+    KL to the other styles (nearest) minus KL to its own, the larger the further apart."""
+    import numpy as np
+    import torch
+    from nanosuno.baselines import unigram_kl, unigrams
+    from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanosuno.data import open_split, read_meta
+    from nanosuno.generate import generate
+    meta, ckpt = read_meta(data_dir), load_checkpoint(out_dir)
+    names = ckpt.get("styles") or []
+    if len(names) < 2:
+        sys.exit(f"{out_dir}'s checkpoint knows {len(names)} style(s): train on a corpus with two or more "
+                 f"style folders")
+    model = model_from_checkpoint(ckpt).eval()
+    K, V, frames = model.config.n_codebooks, model.config.codebook_size, round(seconds * meta["frame_rate"])
+    tokens = open_split(data_dir, meta, "train")
+    own = {name: unigrams(np.concatenate([tokens[f["offset"]:f["offset"] + f["frames"], :K]
+                                          for f in meta["splits"]["train"]["files"] if f.get("style") == name]), V)
+           for name in names}
+    print(f"steer: {out_dir} (iteration {ckpt['iter_num']}, {model.get_num_params() / 1e6:.2f}M parameters, "
+          f"{K} codebooks), styles {', '.join(names)}; {num_samples} x {seconds:g} s per style and row; "
+          f"{_cpu_name()}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'':26}" + "".join(f"{'KL to ' + name:>16}" for name in names) + f"{'margin':>9}")
+
+    def row(label, stats, style=None):
+        kl = [unigram_kl(stats, own[name]) for name in names]
+        margin = "" if style is None else \
+            f"{min(k for n, k in zip(names, kl) if n != style) - kl[names.index(style)]:9.3f}"
+        print(f"{label:26}" + "".join(f"{k:16.3f}" for k in kl) + margin)
+
+    for name in names:
+        row(f"data: {name}", own[name], name)
+    sampling = dict(seed=seed, top_k=min(250, V))   # sample.py's defaults
+    codes = generate(model, frames, num_samples=num_samples * len(names), **sampling)
+    row("unconditional", unigrams(codes.transpose(1, 2).reshape(-1, K).numpy(), V))
+    speed = {}
+    for cfg_coef in coefs:
+        clock = StepClock()
+        codes = generate(model, frames, num_samples=num_samples, styles=list(range(len(names))),
+                         cfg_coef=None if cfg_coef == 1 else cfg_coef, progress=clock, **sampling)
+        speed[cfg_coef] = clock.steps_per_second()
+        for i, name in enumerate(names):   # the pieces come style by style
+            piece = codes[i * num_samples:(i + 1) * num_samples]
+            row(f"cfg_coef {cfg_coef:g}: {name}", unigrams(piece.transpose(1, 2).reshape(-1, K).numpy(), V), name)
+    guided = [c for c in coefs if c != 1]
+    if 1 in speed and guided:
+        print(f"generation, batch {num_samples * len(names)}: {speed[1]:.0f} steps/s conditional (cfg_coef 1), "
+              f"{speed[guided[0]]:.0f} guided (twice the batch): {speed[guided[0]] / speed[1]:.2f}x")
+    print(f"load average now {os.getloadavg()[0]:.1f}")
+
+
 # --- sample ----------------------------------------------------------------------------------------
 
 class StepClock:
@@ -502,12 +564,16 @@ def bench_sample(repeats=3):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
-    parser.add_argument("what", choices=["prepare", "train", "sample", "learn", "all"])
+    parser.add_argument("what", choices=["prepare", "train", "sample", "learn", "steer", "all"])
     parser.add_argument("--corpus", default=WESNOTH, help="prepare: folder of music")
     parser.add_argument("--minutes", type=float, default=None,
                         help="prepare: use only this much of the corpus; learn: training budget (default 30)")
     parser.add_argument("--steps", type=int, default=None, help="learn: train exactly this many iterations instead")
-    parser.add_argument("--data_dir", default="data/learn", help="learn: where the corpus's tokens are cached")
+    parser.add_argument("--data_dir", default="data/learn", help="learn: where the corpus's tokens are cached; "
+                        "steer: the tokens the model was trained on")
+    parser.add_argument("--out_dir", default="out", help="steer: the checkpoint's folder")
+    parser.add_argument("--seconds", type=float, default=10.0, help="steer: length of each piece")
+    parser.add_argument("--num_samples", type=int, default=8, help="steer: pieces per style and row")
     parser.add_argument("--seed", type=int, default=1337, help="learn: training seed")
     parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
     parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
@@ -523,3 +589,5 @@ if __name__ == "__main__":
         bench_sample()
     if args.what == "learn":  # not part of "all": it takes an hour by default
         bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir, args.seed)
+    if args.what == "steer":
+        bench_steer(args.data_dir, args.out_dir, args.seconds, args.num_samples, seed=args.seed)
