@@ -215,6 +215,18 @@ def test_styles_through_sample_py(tmp_path, codec):
     assert not os.path.exists(tmp_path / "none")
 
 
+def test_checkpoints_from_before_styles_still_sample(tmp_path, codec):
+    """A checkpoint written before styles existed (no n_styles, no styles) is an unconditional model."""
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    del ckpt["styles"], ckpt["model_args"]["n_styles"]
+    save_checkpoint(out_dir, ckpt)
+    sample_dir = run_sample(out_dir, "--seconds=0.2")
+    assert os.path.exists(os.path.join(sample_dir, "sample_000.wav"))
+    with pytest.raises(UserError, match="trained without styles"):
+        run_sample(out_dir, "--style=a")
+
+
 def test_prompt_continuation_through_sample_py(tmp_path, codec):
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=8, block_size=64)
     t = torch.arange(24000) / 24000
