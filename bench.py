@@ -274,10 +274,11 @@ def bench_train(compile_on_cpu=False, batch_size=None):
 
 # --- learn -----------------------------------------------------------------------------------------
 
-def val_losses(model, data_dir, meta, n_codebooks):
+def val_losses(model, data_dir, meta, n_codebooks, styles=None):
     """Val cross-entropy per codebook over the WHOLE val split: every file cut into consecutive
     windows of block_size + 1 frames (the last one shorter), each laid out as in training. Unlike
-    train.py's eval (random windows), this is deterministic, so two runs compare exactly."""
+    train.py's eval (random windows), this is deterministic, so two runs compare exactly.
+    styles: the model's style names, to give each window its file's style (None: "no style")."""
     import numpy as np
     import torch
     from nanosuno.data import open_split
@@ -292,7 +293,8 @@ def val_losses(model, data_dir, meta, n_codebooks):
             n = min(T + 1, f["frames"] - start)
             crop = torch.from_numpy(np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :K], dtype=np.int64))
             window = delay_interleave(crop.T, special)[None, :, :n]       # (1, K, n) delayed
-            logits, _ = model(window[:, :, :-1])
+            style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
+            logits, _ = model(window[:, :, :-1], styles=style)
             targets = window[:, :, 1:]
             real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
             losses = codebook_losses(logits, targets, special).double()
@@ -418,6 +420,10 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
     print(f"steer: {out_dir} (iteration {ckpt['iter_num']}, {model.get_num_params() / 1e6:.2f}M parameters, "
           f"{K} codebooks), styles {', '.join(names)}; {num_samples} x {seconds:g} s per style and row; "
           f"{_cpu_name()}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
+    with torch.no_grad():
+        labelled, unlabelled = (sum(val_losses(model, data_dir, meta, K, styles)) / K for styles in (names, None))
+    print(f"val CE (whole val split, mean of codebooks): {labelled:.4f} with each file's style, {unlabelled:.4f} "
+          f"as \"no style\": the label is worth {unlabelled - labelled:.4f} nats per token")
     print(f"{'':26}" + "".join(f"{'KL to ' + name:>16}" for name in names) + f"{'margin':>9}")
 
     def row(label, stats, style=None):
@@ -426,11 +432,13 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
             f"{min(k for n, k in zip(names, kl) if n != style) - kl[names.index(style)]:9.3f}"
         print(f"{label:26}" + "".join(f"{k:16.3f}" for k in kl) + margin)
 
+    def stats(pieces):   # (pieces, K, frames) -> per-codebook unigrams
+        return unigrams(pieces.transpose(1, 2).reshape(-1, K).numpy(), V)
+
     for name in names:
         row(f"data: {name}", own[name], name)
     sampling = dict(seed=seed, top_k=min(250, V))   # sample.py's defaults
-    codes = generate(model, frames, num_samples=num_samples * len(names), **sampling)
-    row("unconditional", unigrams(codes.transpose(1, 2).reshape(-1, K).numpy(), V))
+    row("unconditional", stats(generate(model, frames, num_samples=num_samples * len(names), **sampling)))
     speed = {}
     for cfg_coef in coefs:
         clock = StepClock()
@@ -438,8 +446,7 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
                          cfg_coef=None if cfg_coef == 1 else cfg_coef, progress=clock, **sampling)
         speed[cfg_coef] = clock.steps_per_second()
         for i, name in enumerate(names):   # the pieces come style by style
-            piece = codes[i * num_samples:(i + 1) * num_samples]
-            row(f"cfg_coef {cfg_coef:g}: {name}", unigrams(piece.transpose(1, 2).reshape(-1, K).numpy(), V), name)
+            row(f"cfg_coef {cfg_coef:g}: {name}", stats(codes[i * num_samples:(i + 1) * num_samples]), name)
     guided = [c for c in coefs if c != 1]
     if 1 in speed and guided:
         print(f"generation, batch {num_samples * len(names)}: {speed[1]:.0f} steps/s conditional (cfg_coef 1), "
