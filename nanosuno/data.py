@@ -130,7 +130,7 @@ def check_meta(meta):
             if f.get("offset") != offset:
                 return f"split {split}, file {f['path']}: offset {f.get('offset')!r}, expected {offset}"
             if "style" not in f or not (f["style"] is None or isinstance(f["style"], str) and f["style"]):
-                return f"split {split}, file {f['path']}: style {f.get('style')!r} is neither a folder name nor null"
+                return f"split {split}, file {f['path']}: style {f.get('style', '(none)')!r} is not a name or null"
             offset += f["frames"]
         if offset != info["frames"]:
             return f"split {split}: its files hold {offset} frames, not {info['frames']}"

@@ -177,7 +177,7 @@ def test_first_level_folders_become_styles(tmp_path, capsys, monkeypatch):
     meta = read_meta(tmp_path / "tokens")
     assert meta["styles"] == [] and all(f["style"] is None for s in meta["splits"].values() for f in s["files"])
     assert {name: data for name, data in read_bytes(tmp_path / "tokens").items() if name != "meta.json"} == tokens
-    with pytest.raises(UserError, match="styles must be 'folders' .* or 'none', got 'genre'"):
+    with pytest.raises(UserError, match="setting 'styles' must be 'folders' .* or 'none', got 'genre'"):
         run(capsys, corpus, tmp_path / "tokens", "--styles=genre")
 
 
@@ -394,7 +394,10 @@ def edit_bytes(path, change):
     (lambda m: m["splits"]["val"].pop("fingerprint"), "its fingerprint is missing"),
     (lambda m: m["splits"].pop("val"), "split val lacks its frames or files"),
     (lambda m: m["baselines"].update(unigram=[1.0]), "baselines are not unigram, prev_frame, lower_codebook"),
-    (lambda m: m.update(format_version=1), "has format version 1, this nanosuno reads version 2"),
+    (lambda m: m["splits"]["train"]["files"][0].update(style=5), "file train_0.wav: style 5 is not a name or null"),
+    (lambda m: m["splits"]["val"]["files"][0].pop("style"), "file val_0.wav: style '(none)' is not a name"),
+    (lambda m: m.update(styles=[{"name": "jazz", "frames": 400}]), "are not its files' styles with their frames"),
+    (lambda m: m.update(format_version=2), "has format version 2, this nanosuno reads version 3"),
 ])
 def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
     edit_json(os.path.join(token_corpus, "meta.json"), damage)
