@@ -41,8 +41,8 @@ WINDOW_SECONDS = 10     # new audio per window: bounds memory (about 0.3 GB of a
 CONTEXT_SECONDS = 1     # audio before a window that warms up the causal model (10% extra compute;
                         # Encodec was trained on 1 s excerpts, so its state reaches back about that far)
 UNTRAINED_SEED = 1337
-CODES_VERSION = 2       # bump when the codes of given audio change (windows, padding, the untrained
-                        # weights): prepare's token cache is keyed by it
+CODES_VERSION = 3       # bump when the codes of given audio change (windows, padding, the untrained
+                        # weights, 1x1 convolutions): prepare's token cache is keyed by it
 
 
 class Codec:
@@ -182,6 +182,14 @@ def load_codec(name, codec_dir=None, device="cpu"):
     return Codec(name, model, device)
 
 
+def codec_from_weights(name, state, device="cpu"):
+    """The codec `name` with the weights `state` (a loaded codec's model.state_dict()): how prepare's
+    other processes get the codec the first one loaded, without reading, downloading or fitting it again."""
+    model = _encodec_architecture()
+    model.load_state_dict(state)
+    return Codec(name, model, device)
+
+
 def _hub_dir():
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
@@ -204,7 +212,22 @@ def _encodec_architecture():
         torch.manual_seed(UNTRAINED_SEED)
         model = EncodecModel.encodec_model_24khz(pretrained=False)
     model.set_target_bandwidth(BANDWIDTH)
+    # oneDNN computes 1x1 convolutions as a matrix product whose summation order depends on the
+    # number of threads, so a file encoded with 1 thread differed at near-ties from one encoded with
+    # 2 (~2% of the untrained codec's codes on music). torch's matmul, oneDNN's other convolutions
+    # and its LSTM give the same result for any thread count (measured for 1..4 threads): with the
+    # encoder's 1x1 convolutions as matmuls, codes (and the untrained weights, fitted on encoder
+    # output) do not depend on how many processes share the cores, at the same speed.
+    for conv in model.encoder.modules():
+        if isinstance(conv, torch.nn.Conv1d) and conv.kernel_size == (1,) and conv.groups == 1:
+            assert conv.stride == conv.dilation == (1,) and conv.padding == (0,)
+            conv._conv_forward = _pointwise_conv
     return model
+
+
+def _pointwise_conv(x, weight, bias):
+    """A 1x1 Conv1d (B, C_in, T) -> (B, C_out, T) as one matrix product."""
+    return F.linear(x.transpose(1, 2), weight[:, :, 0], bias).transpose(1, 2)
 
 
 def _pretrained_model(codec_dir):

@@ -41,11 +41,33 @@ def test_untrained_attributes_and_warning(capsys):
 
 
 def test_untrained_is_deterministic_across_processes(codec):
-    # a fresh process builds the weights from scratch: they must match this process's bit for bit
-    script = ("import sys; sys.path.insert(0, 'tests'); from test_codec import state_digest; "
+    # a fresh process with one thread builds the weights from scratch: they must match this
+    # process's (made with all cores) bit for bit
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); from test_codec import state_digest; "
+              "torch.set_num_threads(1); "
               "from nanosuno.codec import _untrained_state; print(state_digest(_untrained_state()))")
     other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == state_digest(codec.model.state_dict())
+
+
+def test_codes_do_not_depend_on_the_thread_count(codec):
+    # what makes prepare's output the same for any number of processes sharing the cores
+    audio, threads = music(12.0), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = codec.encode(audio)
+        torch.set_num_threads(2)
+        two = codec.encode(audio)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_codec_from_weights_is_the_same_codec(codec):
+    copy = codec_module.codec_from_weights(codec.name, codec.model.state_dict())
+    assert (copy.name, copy.cache_key, copy.info()) == (codec.name, codec.cache_key, codec.info())
+    audio = music(3.0)
+    assert torch.equal(copy.encode(audio), codec.encode(audio))
 
 
 def test_untrained_leaves_global_random_state_alone():
