@@ -2,6 +2,8 @@
 Turn a folder of music into the token files that train.py reads:
 
     python prepare.py [config.py] [--input_dir=data/wavs] [--data_dir=data/tokens] [--codec=untrained]
+    python prepare.py --workers=4 ...                         # 4 processes on one machine
+    torchrun --standalone --nproc_per_node=8 prepare.py ...   # one process per GPU (or CPU share)
 
 Every audio file under input_dir (wav, flac, ogg, mp3; any sample rate, any channels) is mixed to
 mono, resampled to 24 kHz and encoded by the codec (None = the pretrained encodec_24khz) into 8
@@ -12,12 +14,16 @@ One run at a time writes into a data_dir (a lock; a second run is told the first
 A file's style is the name of its first-level folder under input_dir (data/wavs/jazz/a.flac: jazz;
 files directly in input_dir have none), unless --styles=none; train.py learns to generate each.
 
-Each file's codes are cached in data_dir/cache/, keyed by the file (path, size, modification time)
-and the codec, so a re-run encodes only new or changed files and an interrupted run resumes where
-it stopped. A file that cannot be used (unreadable, truncated, NaN/inf samples, not a regular file)
-is reported and skipped, never opened when it could block (a named pipe); the rest is still
-prepared. With the default input_dir and no audio in it, a synthetic demo corpus is written there
-first.
+Each file's codes are cached in data_dir/cache/, keyed by the file's content (size and bytes) and
+the codec, so a re-run encodes only new or changed files, an interrupted run resumes where it
+stopped, and a moved or renamed corpus is not encoded again. A file that cannot be used
+(unreadable, truncated, NaN/inf samples, not a regular file) is reported and skipped, never opened
+when it could block (a named pipe); the rest is still prepared. With the default input_dir and no
+audio in it, a synthetic demo corpus is written there first.
+
+Several processes (--workers=N, or torchrun) share out the files to encode, each into the cache;
+then one process (the first) writes train.bin, val.bin and meta.json from the cache, so the
+result is byte for byte that of one process (the codec's codes do not depend on the thread count).
 """
 from nanosuno.common import passive_openmp
 
@@ -25,17 +31,22 @@ passive_openmp()  # before torch is imported: the loader thread needs CPU time (
 
 import hashlib
 import math
+import multiprocessing
 import os
 import queue
 import threading
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
-from nanosuno.codec import load_codec
+from nanosuno.codec import codec_from_weights, load_codec
 from nanosuno.common import UserError, atomic_write, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
 from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
@@ -46,31 +57,65 @@ SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is no
 
 def main(argv):
     cfg = load_config(argv)
+    if "RANK" not in os.environ:  # not started by torchrun
+        return prepare(cfg)
+    if cfg.workers > 1:
+        raise UserError("--workers is for one machine without torchrun; under torchrun every process is "
+                        "a worker: use --nproc_per_node instead")
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(threads_per_process(int(os.environ["LOCAL_WORLD_SIZE"])))
+    # gloo, even between GPUs: only the plan, the codec's weights and the reports travel between processes
+    dist.init_process_group("gloo")
+    try:
+        if rank == 0:
+            prepare(cfg)
+        else:  # if rank 0 fails before sending the plan, torchrun stops this process
+            encode_share(cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def prepare(cfg):
+    """What one process does, or rank 0 under torchrun: find the files, and with data_dir locked
+    (one run at a time writes into it) prepare the tokens."""
     skipped = []  # (path, reason) of everything left out
     paths = find_corpus(cfg.input_dir, skipped)
-    with lock_folder(cfg.data_dir, "data_dir"):  # one run at a time writes into data_dir
+    with lock_folder(cfg.data_dir, "data_dir"):
         prepare_tokens(cfg, paths, skipped)
 
 
 def prepare_tokens(cfg, paths, skipped):
-    """Encode the files not cached yet, write the token files and report."""
-    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device=pick_device(cfg.device))
+    """Encode the files not cached yet (here, in worker processes, or across torchrun's processes),
+    write the token files and report."""
+    found = len(paths)
+    device = process_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device="cpu" if cfg.workers > 1 else device)
     cache_dir = os.path.join(cfg.data_dir, "cache")
     with writing(cache_dir):
         os.makedirs(cache_dir, exist_ok=True)
     remove_stale_temporaries(cache_dir)
-    cache = {path: cache_path(cache_dir, path, codec) for path in paths}
-    todo = [path for path in paths if not os.path.exists(cache[path])]
+    cache = cache_files(cache_dir, paths, codec, skipped)
+    paths = [path for path in paths if path in cache]
+    first = {}  # cache file -> the first path with that content: copies are encoded once
+    for path in paths:
+        first.setdefault(cache[path], path)
+    todo = [path for cached, path in first.items() if not os.path.exists(cached)]
+    processes = int(os.environ.get("WORLD_SIZE", cfg.workers))
     print(f"preparing {len(paths)} audio file(s) from {cfg.input_dir} with codec {codec.name} "
-          f"into {cfg.data_dir}: {len(todo)} to encode, {len(paths) - len(todo)} cached")
+          f"into {cfg.data_dir}: {len(todo)} to encode, {len(paths) - len(todo)} cached"
+          + (f", {processes} processes" if processes > 1 else ""))
 
-    start, silent = time.time(), []
-    seconds_encoded = encode_files(todo, codec, cache, skipped, silent)
+    start = time.time()
+    progress = encode(todo, codec, cache, device, processes)
     elapsed = time.time() - start
+    skipped += progress.skipped
 
     kept = [path for path in paths if os.path.exists(cache[path])]
+    reported = {path for path, _ in skipped}
+    skipped += [(path, "same content as a file skipped above") for path in paths
+                if path not in kept and path not in reported]
     if not kept:
-        raise UserError(f"nothing could be prepared from {cfg.input_dir}: all {len(paths)} audio files "
+        raise UserError(f"nothing could be prepared from {cfg.input_dir}: all {found} audio files "
                         f"were skipped (reasons above)")
     names = {path: os.path.relpath(path, cfg.input_dir).replace(os.sep, "/") for path in kept}
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
@@ -84,16 +129,36 @@ def prepare_tokens(cfg, paths, skipped):
                       f"file(s)" for split in SPLITS) + f" -> {cfg.data_dir}; styles: "
           + (", ".join(f"{s['name']} ({s['frames']:,} frames)" for s in meta["styles"]) or "none"))
     if todo:
-        print(f"encoded {seconds_encoded / 60:.1f} min of audio in {elapsed:.1f} s: "
-              f"{seconds_encoded / max(elapsed, 1e-9):.1f} audio-seconds per second")
-    if silent:
-        print(f"silent, kept: {', '.join(os.path.relpath(p, cfg.input_dir) for p in silent)}")
+        print(f"encoded {progress.seconds_encoded / 60:.1f} min of audio in {elapsed:.1f} s: "
+              f"{progress.seconds_encoded / max(elapsed, 1e-9):.1f} audio-seconds per second")
+    if progress.silent:
+        print(f"silent, kept: {', '.join(os.path.relpath(p, cfg.input_dir) for p in progress.silent)}")
     if skipped:
         print(f"skipped {len(skipped)}: " + "; ".join(f"{os.path.relpath(p, cfg.input_dir)}: {why}"
                                                       for p, why in skipped))
     if splits["val"]["frames"] == 0:
         print("note: the val split is empty (one file, or val_fraction=0): train.py has nothing to "
               "evaluate on")
+
+
+def encode(todo, codec, cache, device, processes):
+    """Encode the files in todo into their cache files: here, in worker processes (--workers) or
+    across torchrun's processes, each a share of about equal length. Returns the Progress, which
+    holds what the encoding found (files skipped, silent files, seconds encoded)."""
+    seconds = {path: audio_seconds(path) for path in todo}
+    shares = deal(todo, seconds, processes)
+    total = sum(seconds.values())
+    # under torchrun this process sees only its own share: the bar shows it scaled up to the whole
+    own = sum(seconds[path] for path in shares[0]) if "RANK" in os.environ else total
+    progress = Progress(total, scale=total / own if own else 1.0, show=bool(todo))
+    if "RANK" in os.environ:
+        encode_across_ranks(shares, codec, cache, progress)
+    elif processes > 1:
+        encode_in_workers(shares, codec, cache, device, progress)
+    else:
+        encode_files(shares[0], codec, cache, progress)
+    progress.close()
+    return progress
 
 
 def find_corpus(input_dir, skipped):
@@ -122,18 +187,88 @@ def style_of(name, styles):
     return folder if sep and styles == "folders" else None
 
 
+def process_device(setting, index):
+    """The device of encoding process `index`: with CUDA, one GPU per process (round robin over those
+    visible); otherwise the one pick_device picks."""
+    device = pick_device(setting)
+    return f"cuda:{index % torch.cuda.device_count()}" if device == "cuda" else device
+
+
+def threads_per_process(processes):
+    """An equal share of this machine's cores for each of `processes` encoding side by side."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // processes)
+
+
+def cache_files(cache_dir, paths, codec, skipped):
+    """{path: its cache file} for the files that can be read; the others are added to skipped."""
+    def one(path):
+        try:
+            return cache_path(cache_dir, path, codec)
+        except OSError as e:
+            skipped.append((path, f"cannot read file ({e.strerror})"))
+    # hashlib releases the GIL while it hashes: threads read and hash files side by side
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return {path: cached for path, cached in zip(paths, pool.map(one, paths)) if cached}
+
+
 def cache_path(cache_dir, path, codec):
-    """Where a file's codes are cached: named by the file's identity and what the codes depend on."""
-    stat = os.stat(path)
-    identity = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{codec.cache_key}"
-    return os.path.join(cache_dir, hashlib.sha256(identity.encode()).hexdigest()[:32] + ".npy")
+    """Where a file's codes are cached: named by a hash of the file's size and bytes and what the
+    codes depend on (the codec), not by its name, so a moved, renamed, copied or re-mounted corpus
+    finds its codes. The whole file is hashed: blake2b reads ~760 MB/s per core (an hour of CD-quality
+    FLAC in ~0.5 s), far less than encoding that hour takes; hashing only parts of a file would miss
+    an edit elsewhere that keeps its size (a click removed from a WAV)."""
+    digest = hashlib.blake2b(f"{codec.cache_key}\0{os.path.getsize(path)}\0".encode(), digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return os.path.join(cache_dir, digest.hexdigest() + ".npy")
 
 
-def encode_files(paths, codec, cache, skipped, silent):
-    """Encode each file into its cache file; returns the seconds of audio encoded. A loader thread
-    reads and resamples the next blocks (of this file or the next) while the codec encodes."""
+def deal(paths, seconds, processes):
+    """`processes` lists of paths with about equal audio-seconds each: longest file first, each to
+    the list with the least so far. The same in every run."""
+    shares, loads = [[] for _ in range(processes)], [0.0] * processes
+    for path in sorted(paths, key=lambda p: -seconds[p]):
+        i = loads.index(min(loads))
+        shares[i].append(path)
+        loads[i] += seconds[path]
+    return shares
+
+
+class Progress:
+    """The progress bar over the audio-seconds to encode, and what the encoding processes report
+    (see encode_files): files skipped, silent files, seconds encoded. This process's own reads count
+    `scale` times (under torchrun: rank 0's share stands for the whole)."""
+
+    def __init__(self, total, scale=1.0, show=True):
+        self.bar = tqdm(total=math.ceil(total), unit=" audio-s", unit_scale=False, smoothing=0.1, disable=not show,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]")
+        self.scale, self.skipped, self.silent, self.seconds_encoded = scale, [], [], 0.0
+
+    def __call__(self, event, value):
+        if event == "read":
+            self.bar.update(min(value * self.scale, self.bar.total - self.bar.n))
+        elif event == "skipped":
+            self.skipped.append(value)
+            self.bar.write(f"skipping {value[0]}: {value[1]}")
+        elif event == "silent":
+            self.silent.append(value[0])
+            self.bar.write(f"note: {value[0]} is silent (peak {value[1]:.1e}); kept")
+        elif event == "encoded":
+            self.seconds_encoded += value
+
+    def close(self):
+        self.bar.close()
+
+
+def encode_files(paths, codec, cache, report):
+    """Encode each file into its cache file, telling report(event, value) what happens: ("read",
+    audio-seconds) as blocks are read, ("skipped", (path, reason)), ("silent", (path, peak)) and
+    ("encoded", seconds of the file). A loader thread reads and resamples the next blocks (of this
+    file or the next) while the codec encodes."""
     if not paths:
-        return 0.0
+        return
     blocks = queue.Queue(maxsize=4)  # (path, tensor | None at the end | the exception that ended it)
 
     def load():
@@ -146,10 +281,6 @@ def encode_files(paths, codec, cache, skipped, silent):
                 blocks.put((path, e))
 
     threading.Thread(target=load, daemon=True).start()
-    total = sum(audio_seconds(path) for path in paths)
-    bar = tqdm(total=math.ceil(total), unit=" audio-s", unit_scale=False, smoothing=0.1,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]")
-    seconds_encoded = 0.0
     for path in paths:
         samples, peak = 0, 0.0
 
@@ -163,7 +294,7 @@ def encode_files(paths, codec, cache, skipped, silent):
                     raise block
                 samples += block.numel()
                 peak = max(peak, float(block.abs().max()) if block.numel() else 0.0)
-                bar.update(block.numel() / codec.sample_rate)
+                report("read", block.numel() / codec.sample_rate)
                 yield block
 
         try:
@@ -172,16 +303,87 @@ def encode_files(paths, codec, cache, skipped, silent):
                 raise AudioError(path, f"shorter than one codec frame ({samples} samples at "
                                        f"{codec.sample_rate} Hz, {codec.hop_length} needed)")
         except AudioError as e:
-            skipped.append((path, e.reason))
-            bar.write(f"skipping {path}: {e.reason}")
+            report("skipped", (path, e.reason))
             continue
         if peak < SILENT_PEAK:
-            silent.append(path)
-            bar.write(f"note: {path} is silent (peak {peak:.1e}); kept")
+            report("silent", (path, peak))
         save_codes(cache[path], codes)
-        seconds_encoded += samples / codec.sample_rate
-    bar.close()
-    return seconds_encoded
+        report("encoded", samples / codec.sample_rate)
+
+
+def encode_in_workers(shares, codec, cache, device, progress):
+    """Encode each share in its own process on one machine (--workers), each with a share of the
+    cores (or its own GPU), all reporting to this process's progress through a queue."""
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
+    events = context.Queue()
+    weights = {k: v.cpu() for k, v in codec.model.state_dict().items()}
+    threads = threads_per_process(len(shares))
+    workers = [context.Process(target=encode_worker, daemon=True,
+                               args=(share, codec.name, weights, cache, process_device(device, i), threads, events))
+               for i, share in enumerate(shares)]
+    try:
+        for worker in workers:
+            worker.start()
+        running = len(workers)
+        while running:
+            try:
+                event, value = events.get(timeout=1.0)
+            except queue.Empty:
+                if any(worker.exitcode not in (None, 0) for worker in workers):
+                    raise RuntimeError("a prepare worker process died (out of memory?); run prepare.py "
+                                       "again to go on from the cache")
+                continue
+            if event == "failed":
+                raise RuntimeError(f"a prepare worker failed:\n{value}")
+            if event == "done":
+                running -= 1
+            else:
+                progress(event, value)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+
+
+def encode_worker(paths, codec_name, weights, cache, device, threads, events):
+    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "failed")."""
+    torch.set_num_threads(threads)
+    try:
+        codec = codec_from_weights(codec_name, weights, device)
+        encode_files(paths, codec, cache, lambda event, value: events.put((event, value)))
+        events.put(("done", None))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: the main one reports it
+        pass
+    except BaseException:
+        events.put(("failed", traceback.format_exc()))
+
+
+def encode_across_ranks(shares, codec, cache, progress):
+    """Under torchrun, on rank 0: send every rank the plan and the codec's weights, encode share 0
+    here, then collect the other ranks' reports (see encode_share)."""
+    weights = {k: v.cpu() for k, v in codec.model.state_dict().items()}
+    dist.broadcast_object_list([(codec.name, weights, shares, cache)], src=0)
+    encode_files(shares[0], codec, cache, progress)
+    reports = [None] * dist.get_world_size()
+    dist.gather_object([], reports, dst=0)
+    for events in reports[1:]:
+        for event, value in events:
+            progress(event, value)
+    progress.bar.update(progress.bar.total - progress.bar.n)  # everyone has read everything
+
+
+def encode_share(cfg):
+    """Under torchrun, on every rank but 0: receive the plan from rank 0, encode this rank's share,
+    send back what happened (all but the reads: rank 0's bar stands for everyone's)."""
+    plan = [None]
+    dist.broadcast_object_list(plan, src=0)
+    codec_name, weights, shares, cache = plan[0]
+    rank = dist.get_rank()
+    codec = codec_from_weights(codec_name, weights, process_device(cfg.device, int(os.environ["LOCAL_RANK"])))
+    events = []
+    encode_files(shares[rank], codec, cache, lambda event, value: event != "read" and events.append((event, value)))
+    dist.gather_object(events, None, dst=0)
 
 
 def save_codes(path, codes):

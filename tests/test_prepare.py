@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,55 @@ def test_first_level_folders_become_styles(tmp_path, capsys, monkeypatch):
         run(capsys, corpus, tmp_path / "tokens", "--styles=genre")
 
 
+def test_a_moved_corpus_and_copied_files_hit_the_cache(tmp_path, capsys, monkeypatch):
+    corpus = make_corpus(tmp_path / "wavs")
+    os.remove(corpus / "broken.wav")
+    run(capsys, corpus, tmp_path / "tokens")
+    before = read_bytes(tmp_path / "tokens")
+    moved = tmp_path / "elsewhere" / "music"
+    os.makedirs(moved.parent)
+    os.rename(corpus, moved)  # a new path and a new folder name for every file: still the same bytes
+    calls = count_encodes(monkeypatch)
+    out = run(capsys, moved, tmp_path / "tokens")
+    assert "0 to encode, 3 cached" in out and calls["done"] == 0
+    assert read_bytes(tmp_path / "tokens") == before
+    shutil.copy(moved / "b.flac", moved / "b_copy.flac")
+    shutil.copy(moved / "c.ogg", moved / "d.ogg")
+    open(moved / "d.ogg", "ab").write(b"\0")  # one byte more: another file, encoded
+    out = run(capsys, moved, tmp_path / "tokens")
+    assert "1 to encode, 4 cached" in out and calls["done"] == 1
+    files = {f["path"]: f["frames"] for s in read_meta(tmp_path / "tokens")["splits"].values() for f in s["files"]}
+    assert files["b_copy.flac"] == files["b.flac"] and len(files) == 5
+
+
+def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "one")
+    # a run killed after one file: its cache holds that file's codes only
+    os.makedirs(tmp_path / "two" / "cache")
+    done = sorted(os.listdir(tmp_path / "one" / "cache"))[0]
+    shutil.copy2(tmp_path / "one" / "cache" / done, tmp_path / "two" / "cache" / done)
+    stamp = os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns
+    out = run(capsys, corpus, tmp_path / "two", "--workers=2")
+    assert "3 to encode, 1 cached, 2 processes" in out  # broken.wav is tried again
+    assert "skipped 1: broken.wav: not a readable audio file" in out
+    assert os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns == stamp
+    assert sorted(os.listdir(tmp_path / "two" / "cache")) == sorted(os.listdir(tmp_path / "one" / "cache"))
+    assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
+
+
+def test_torchrun_prepare_gives_the_bytes_of_one_process(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "one")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "prepare.py",
+         f"--input_dir={corpus}", f"--data_dir={tmp_path / 'two'}", "--codec=untrained"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 to encode, 0 cached, 2 processes" in result.stdout and "prepared 3 file(s)" in result.stdout
+    assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
+
+
 def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "wavs"
     os.makedirs(corpus / "locked")
@@ -191,6 +241,7 @@ def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
     open(corpus / "empty.wav", "wb").close()
     with open(corpus / "text.wav", "w") as f:
         f.write("not audio\n")
+    shutil.copy(corpus / "text.wav", corpus / "text_copy.wav")  # the same bytes: tried once
     whole = open(corpus / "good.wav", "rb").read()
     open(corpus / "truncated.wav", "wb").write(whole[:len(whole) // 2])
     sf.write(tmp_path / "whole.flac", music(3.0, 44100), 44100)
@@ -232,9 +283,10 @@ def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
                      "gone: broken link", "moved.wav: broken link", "nan.wav: contains NaN/inf samples",
                      "inf.wav: contains NaN/inf samples", "pipe.wav: not a regular file (a named pipe)",
                      "denied.wav: cannot read file (Permission denied)",
-                     "text.mp3: not a readable audio file (format not recognised)"):
+                     "text.mp3: not a readable audio file (format not recognised)",
+                     "text_copy.wav: same content as a file skipped above"):
         assert expected in out
-    assert "skipped 13" in out
+    assert "skipped 14" in out
     meta = read_meta(tmp_path / "tokens")
     assert sorted(f["path"] for s in meta["splits"].values() for f in s["files"]) == ["good.wav", "silent.wav"]
 
