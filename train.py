@@ -4,6 +4,7 @@ Train the transformer on the token files that prepare.py wrote.
     python train.py config/small.py                        # one process
     python train.py config/tiny.py --max_iters=200         # a few minutes on a laptop CPU
     torchrun --standalone --nproc_per_node=8 train.py config/small.py   # DDP on one node
+    python train.py --init_from=out/ckpt.pt --data_dir=mine --out_dir=out-mine   # fine-tune
 
 Writes out_dir/ckpt.pt (resume with --init_from=resume), out_dir/log.jsonl and out_dir/loss.png.
 A scratch run refuses an out_dir that holds a checkpoint unless --overwrite=True, and even then
@@ -28,10 +29,10 @@ from tqdm import tqdm
 from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
-                                 save_checkpoint)
+                                 read_checkpoint, save_checkpoint)
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
-from nanosuno.config import load_config
+from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
@@ -181,32 +182,58 @@ def load_data(cfg, proc):
                            train=train, val=val, baseline=baseline)
 
 
-def build_model(cfg, proc, data):
-    """The model and its optimizer, new or resumed from out_dir's checkpoint (with the random states,
-    so that a resumed run goes on exactly as an uninterrupted one). Returns them with the iteration
-    to start from and the best val loss so far."""
+def load_start(cfg, proc):
+    """The checkpoint this run starts from (None from scratch: init_from is 'scratch', 'resume' or the
+    path of a checkpoint to fine-tune), and cfg with that checkpoint's model shape. A shape setting
+    left at its default takes the checkpoint's value; one set to another value is refused."""
+    if cfg.init_from == "scratch":
+        return cfg, None
+    if cfg.init_from == "resume":
+        path = checkpoint_path(cfg.out_dir)
+        ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
+    else:
+        path = cfg.init_from
+        if not os.path.isfile(path):
+            raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
+                            f"the path of a checkpoint to fine-tune)")
+        ckpt = read_checkpoint(path, proc.device)
+    shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k != "dropout"}
+    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items() if getattr(cfg, k) not in (v, getattr(Config, k))]
+    if changed:
+        raise UserError(f"cannot start from {path} with another model shape ({', '.join(changed)}): leave "
+                        f"these settings out to use the checkpoint's shape, or start from another checkpoint")
+    return dataclasses.replace(cfg, **shape), ckpt
+
+
+def build_model(cfg, proc, data, ckpt):
+    """The model and its optimizer: new; with the weights of a checkpoint to fine-tune (a fresh
+    optimizer and schedule from iteration 0); or resumed from out_dir's checkpoint with the optimizer
+    and every process's random states, so that a resumed run goes on exactly as an uninterrupted one.
+    Returns them with the iteration to start from, the best val loss so far and where the weights
+    came from (finetuned_from, for the checkpoint)."""
     # the model's shape: GPTConfig's fields from the settings, except the codebook size and the
     # number of styles (the data's)
     model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
                   if f.name not in ("codebook_size", "n_styles")}
     model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
-    iter_num, best_val_loss, ckpt, path = 0, float("inf"), None, checkpoint_path(cfg.out_dir)
-    if cfg.init_from == "scratch" and os.path.exists(path) and not cfg.overwrite:
-        raise UserError(f"{path} exists: continue that run with --init_from=resume, or start from scratch "
+    iter_num, best_val_loss, finetuned_from, path = 0, float("inf"), None, checkpoint_path(cfg.out_dir)
+    if cfg.init_from != "resume" and os.path.exists(path) and not cfg.overwrite:
+        new = "start from scratch" if cfg.init_from == "scratch" else f"fine-tune {cfg.init_from} into it"
+        raise UserError(f"{path} exists: continue that run with --init_from=resume, or {new} "
                         f"with --overwrite=True (replaces its checkpoint, log and progress samples)")
+    if ckpt:
+        resume, source = cfg.init_from == "resume", path if cfg.init_from == "resume" else cfg.init_from
+        check_codec(data.codec, ckpt["codec"], f"the checkpoint {source}")
+        # style id i is row i of the checkpoint's style table: another corpus's styles would get
+        # another style's row (or none), so resuming and fine-tuning both need the same style names
+        learned = ckpt.get("styles", [])   # (absent before styles existed)
+        if learned != data.styles:
+            fix = (f"prepare {cfg.data_dir} with --styles=none" if not learned else
+                   f"prepare {cfg.data_dir} from audio sorted into the folders {', '.join(learned)}")
+            raise UserError(f"cannot {'resume' if resume else 'fine-tune'} {source}: it learned the styles "
+                            f"{learned} but {cfg.data_dir} has {data.styles}; {fix}, or train from scratch")
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
-        check_codec(data.codec, ckpt["codec"], f"the checkpoint in {cfg.out_dir}")
-        trained = GPTConfig(**ckpt["model_args"])   # (a field added since has its default)
-        changed = [f"{k} {getattr(trained, k)} -> {v}" for k, v in model_args.items()
-                   if k != "dropout" and getattr(trained, k) != v]
-        if changed:
-            raise UserError(f"cannot resume {path} with another model shape "
-                            f"({', '.join(changed)}); use the settings it was trained with, or another out_dir")
-        if ckpt.get("styles", []) != data.styles:
-            raise UserError(f"cannot resume {path}: it learned the styles "
-                            f"{ckpt.get('styles', [])} but {cfg.data_dir} has {data.styles}")
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num, best_val_loss, finetuned_from = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("finetuned_from")
         if iter_num >= cfg.max_iters:
             raise UserError(f"{path} has already trained {iter_num} iterations, max_iters is {cfg.max_iters}: "
                             f"raise --max_iters to train on")
@@ -215,23 +242,54 @@ def build_model(cfg, proc, data):
         load_weights(model, ckpt)
     model.to(proc.device)
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    if ckpt:
+    if cfg.init_from == "resume":
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if proc.world == 1:
-                data.train.generator.set_state(ckpt["rng"]["batches"])
-            else:  # each rank had its own stream; give each a fresh, distinct one (resume is exact for 1 process)
-                data.train.generator.manual_seed(cfg.seed + proc.rank + 1000 * iter_num)
-            if proc.device_type == "cuda" and ckpt["rng"].get("cuda"):
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
+            restore_random_states(ckpt["rng"], cfg, proc, data, iter_num)
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             raise UserError(f"cannot resume {path}: its optimizer or random states do not fit this model "
                             f"({type(e).__name__}: {e}); train again or point out_dir elsewhere")
-    return model, optimizer, iter_num, best_val_loss
+    elif ckpt:
+        finetuned_from = {"path": os.path.abspath(cfg.init_from), "iter_num": ckpt["iter_num"]}
+        if proc.master:
+            print(f"fine-tuning {cfg.init_from} (iteration {ckpt['iter_num']}) on {cfg.data_dir}: its weights "
+                  f"and shape, a fresh optimizer and learning-rate schedule")
+    return model, optimizer, iter_num, best_val_loss, finetuned_from
 
 
-def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
+def random_states(proc, data):
+    """Every process's random states (torch, cuda, the batch sampler), rank r's at r. With DDP, every
+    process must call this at the same point: the states are gathered from all of them."""
+    mine = {"torch": torch.get_rng_state(), "batches": data.train.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state() if proc.device_type == "cuda" else None}
+    if not proc.ddp:
+        return [mine]
+    states = [None] * proc.world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_random_states(states, cfg, proc, data, iter_num):
+    """Give each process the random states its rank had in the checkpoint; with another number of
+    processes than wrote it, fresh distinct seeds instead (the run goes on, not exactly as it would have)."""
+    if isinstance(states, dict):  # a checkpoint from before per-process states: rank 0's only
+        states = [{"torch": states["torch"], "batches": states["batches"], "cuda": (states.get("cuda") or [None])[0]}]
+    if len(states) == proc.world:
+        mine = states[proc.rank]
+        torch.set_rng_state(mine["torch"].cpu())  # .cpu(): loaded with map_location=device
+        data.train.generator.set_state(mine["batches"].cpu())
+        if proc.device_type == "cuda" and mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"].cpu())
+        return
+    if proc.master:
+        print(f"note: the checkpoint was written by {len(states)} process(es), this run has {proc.world}: random "
+              f"batches and dropout go on from fresh seeds, not exactly as the interrupted run would have")
+    seed = cfg.seed + proc.rank + 1000 * iter_num
+    torch.manual_seed(seed)
+    data.train.generator.manual_seed(seed)
+
+
+def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None):
     """Train until max_iters: evaluate, plot and checkpoint (rank 0) every eval_interval iterations
     and at the end, log every log_interval."""
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
@@ -249,7 +307,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
     log_path, plot_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png")
     if master:
         progress = os.path.join(cfg.out_dir, "progress")
-        if cfg.init_from == "scratch":  # settings, data and model are checked: now replace an old run
+        if cfg.init_from != "resume":  # settings, data and model are checked: now replace an old run
             for old in (log_path, plot_path, checkpoint_path(cfg.out_dir)):
                 if os.path.exists(old):
                     os.remove(old)
@@ -269,14 +327,13 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
         with writing(log_path), open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def checkpoint():
+    def checkpoint(rng):
         save_checkpoint(cfg.out_dir, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_args": dataclasses.asdict(raw_model.config), "codec": data.codec, "config": dataclasses.asdict(cfg),
             "styles": data.styles,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "baselines": data.meta.get("baselines"),
-            "rng": {"torch": torch.get_rng_state(), "batches": data.train.generator.get_state(),
-                    "cuda": [torch.cuda.get_rng_state()] if proc.device_type == "cuda" else []},
+            "rng": rng, "finetuned_from": finetuned_from,
         })
 
     def progress_sample(codec, iter_num, val_loss):
@@ -303,6 +360,9 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
             group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
 
         last = iter_num >= cfg.max_iters
+        if iter_num % cfg.eval_interval == 0 or last:
+            # for a checkpoint (every process takes part in gathering them)
+            rng = random_states(proc, data) if iter_num > start_iter else None
         if master and (iter_num % cfg.eval_interval == 0 or last):
             losses = evaluate(raw_model, eval_splits, cfg, proc.device, ctx)
             val = losses.get("val", losses["train"])[0]
@@ -321,7 +381,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
             best_val_loss = min(best_val_loss, val)
             # the last iteration is always saved (that is what resume continues from)
             if iter_num > start_iter and (improved or last or cfg.always_save_checkpoint or not data.val):
-                checkpoint()
+                checkpoint(rng)
         if last:
             break
 
@@ -355,11 +415,13 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss):
 def main(argv):
     cfg = load_config(argv)
     proc = setup_processes(cfg)
-    data = load_data(cfg, proc)
     # one run at a time writes into out_dir (rank 0 writes for all processes)
     with lock_folder(cfg.out_dir, "out_dir") if proc.master else nullcontext():
-        model, optimizer, iter_num, best_val_loss = build_model(cfg, proc, data)
-        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss)
+        cfg, ckpt = load_start(cfg, proc)
+        data = load_data(cfg, proc)
+        model, optimizer, iter_num, best_val_loss, finetuned_from = build_model(cfg, proc, data, ckpt)
+        del ckpt  # free its tensors: the model and the optimizer hold copies
+        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss, finetuned_from)
     if proc.ddp:
         destroy_process_group()
 

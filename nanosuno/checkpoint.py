@@ -9,7 +9,9 @@ Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights
     config           the Config the run was started with (for reference)
     styles           the style names the model learned (style id i = styles[i]); [] or absent: none
     iter_num, best_val_loss
-    rng              {torch: ByteTensor, cuda: [ByteTensor], batches: ByteTensor (the batch sampler's generator)}
+    rng              one dict per training process (rank r's at r): {torch: ByteTensor, cuda: ByteTensor or
+                     None, batches: ByteTensor (the batch sampler's generator)}
+    finetuned_from   {path, iter_num} of the checkpoint a fine-tuning run started from, or None
 
 The structure is checked on load (check_structure): a valid torch file of another structure ends
 in one line, not in a KeyError deep inside train.py or sample.py.
@@ -44,13 +46,18 @@ def load_checkpoint(out_dir, device="cpu", resume=False):
     path = checkpoint_path(out_dir)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py config/tiny.py --out_dir={out_dir})")
+    return read_checkpoint(path, device, resume)
+
+
+def read_checkpoint(path, device="cpu", resume=False):
+    """The checkpoint file at path, its structure checked (resume: with the optimizer and random states)."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file: say which and what to do
-        raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {e}); train again or point out_dir elsewhere")
+        raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {e}); train again or use another checkpoint")
     problem = check_structure(ckpt, resume)
     if problem:
-        raise UserError(f"{path} is not a nanosuno checkpoint ({problem}); train again or point out_dir elsewhere")
+        raise UserError(f"{path} is not a nanosuno checkpoint ({problem}); train again or use another checkpoint")
     return ckpt
 
 
@@ -84,9 +91,11 @@ def check_structure(ckpt, resume=False):
         if not has(ckpt["codec"], key, kind):
             return f"codec has no {key}"
     if resume:
-        if not has(ckpt, "optimizer", dict) or not has(ckpt, "rng", dict):
+        # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
+        states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]
+        if not has(ckpt, "optimizer", dict) or not all(isinstance(s, dict) for s in states):
             return "no optimizer or rng (random states): it cannot be resumed"
-        if not all(has(ckpt["rng"], key, torch.Tensor) for key in ("torch", "batches")):
+        if not all(has(s, key, torch.Tensor) for s in states for key in ("torch", "batches")):
             return "rng has no torch and batches states"
     return None
 
@@ -100,7 +109,7 @@ def load_weights(model, ckpt):
     except RuntimeError as e:  # missing, unexpected or misshapen tensors
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"the checkpoint's weights do not fit the model its model_args describe ({first}); "
-                        f"train again or point out_dir elsewhere")
+                        f"train again or use another checkpoint")
 
 
 def model_from_checkpoint(ckpt, device="cpu"):

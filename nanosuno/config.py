@@ -55,8 +55,8 @@ class Config:
     dropout: float = 0.0
     bias: bool = False
     # --- training ---------------------------------------------------------------------------
-    init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
-    overwrite: bool = False             # a scratch run may replace the checkpoint and log already in out_dir
+    init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt) or a checkpoint to fine-tune
+    overwrite: bool = False             # a new run (scratch or fine-tune) may replace the checkpoint and log already in out_dir
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
@@ -119,7 +119,7 @@ RULES = {
     "n_embd": (">= 1", lambda v: v >= 1),
     "block_size": (">= 2", lambda v: v >= 2),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "init_from": ("'scratch' or 'resume'", lambda v: v in ("scratch", "resume")),
+    "init_from": ("'scratch', 'resume' or the path of a checkpoint to fine-tune", lambda v: v != ""),
     "batch_size": (">= 1", lambda v: v >= 1),
     "gradient_accumulation_steps": (">= 1", lambda v: v >= 1),
     "max_iters": (">= 1", lambda v: v >= 1),

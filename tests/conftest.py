@@ -21,18 +21,19 @@ from nanosuno.data import new_meta, write_tokens
 
 
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
-                       codec="untrained", seed=0, codes_of=None, styles=None):
+                       codec="untrained", seed=0, codes_of=None, phrase_codes=None, styles=None):
     """Write train.bin/val.bin/meta.json as prepare.py does, from learnable synthetic codes: each
-    file repeats a short random phrase, and codebook k > 0 is a fixed function of codebook 0.
-    codes_of(split, i, frames) -> (n_codebooks, frames) replaces them. styles: the style (the
-    folder) of each file, train files then val files; None: no folders."""
+    file repeats a short random phrase (of codes below phrase_codes, default all), and codebook
+    k > 0 is a fixed function of codebook 0. codes_of(split, i, frames) -> (n_codebooks, frames)
+    replaces them. styles: the style (the folder) of each file, train files then val files; None:
+    no folders."""
     rng = np.random.default_rng(seed)
     os.makedirs(data_dir, exist_ok=True)
     meta = new_meta({"name": codec, "sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0,
                      "n_codebooks": n_codebooks, "codebook_size": codebook_size})
 
     def phrases(split, frames):
-        base = np.resize(rng.integers(0, codebook_size, size=12), frames)
+        base = np.resize(rng.integers(0, phrase_codes or codebook_size, size=12), frames)
         return np.stack([(base * (k + 1) + 7 * k) % codebook_size for k in range(n_codebooks)])
 
     def entry(split, i):

@@ -223,7 +223,8 @@ def test_resume_refuses_other_codec_or_shape(token_corpus, tmp_path):
     styled, other = tmp_path / "styled", tmp_path / "other_styles"
     write_token_corpus(styled, file_frames=[400, 300], styles=["a", "b"])
     write_token_corpus(other, file_frames=[400, 300], styles=["a", "c"])
-    with pytest.raises(UserError, match="another model shape .*n_styles 0 -> 2"):
+    with pytest.raises(UserError, match=r"cannot resume .*: it learned the styles \[\] but .* has \['a', 'b'\]; "
+                                         r"prepare .* with --styles=none, or train from scratch"):
         run(styled, out, "--max_iters=4", "--init_from=resume")
     run(styled, tmp_path / "styled_out", "--max_iters=2", "--eval_interval=1000")
     with pytest.raises(UserError, match=r"it learned the styles \['a', 'b'\] but .* has \['a', 'c'\]"):
@@ -251,20 +252,100 @@ def test_empty_val_split_skips_validation(tmp_path, capsys):
     assert load(tmp_path / "out")["iter_num"] == 6
 
 
-def test_two_process_gloo_run(token_corpus, tmp_path):
-    """torchrun with two CPU processes: DDP over gloo, one checkpoint written by rank 0."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(data_dir, out_dir, *extra):
+    """train.py under torchrun with two CPU processes (DDP over gloo); returns its output."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "train.py"), f"--data_dir={token_corpus}", f"--out_dir={out}", *TINY,
-         "--device=cpu", "--max_iters=4", "--eval_interval=2", "--gradient_accumulation_steps=2"],
-        capture_output=True, text=True, env=env, timeout=300)
+         os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, "--device=cpu", *extra],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["ckpt.pt"]
+    return result.stdout
+
+
+def test_two_process_resume_is_exact(token_corpus, tmp_path):
+    """With two processes, N iterations + resume + N iterations = 2N iterations, bit for bit: each
+    rank gets back its own batch sampler and dropout state. Rank 0 writes the one checkpoint."""
+    common = ["--eval_interval=1000", "--dropout=0.1", "--gradient_accumulation_steps=2"]
+    out = torchrun(token_corpus, tmp_path / "whole", "--max_iters=6", *common)
+    assert "2 process(es)" in out
+    assert sorted(f for f in os.listdir(tmp_path / "whole") if f.endswith(".pt")) == ["ckpt.pt"]
+    torchrun(token_corpus, tmp_path / "split", "--max_iters=3", *common)
+    torchrun(token_corpus, tmp_path / "split", "--max_iters=6", "--init_from=resume", *common)
+    split, whole = load(tmp_path / "split"), load(tmp_path / "whole")
+    assert split["iter_num"] == whole["iter_num"] == 6
+    for name, tensor in whole["model"].items():
+        assert torch.equal(split["model"][name], tensor), name
+    assert len(whole["rng"]) == 2 and not torch.equal(whole["rng"][0]["batches"], whole["rng"][1]["batches"])
+
+
+def test_resume_with_another_number_of_processes_says_so(token_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=2", "--eval_interval=1000")
+    ckpt = load(out)
+    ckpt["rng"] = ckpt["rng"] * 2  # as if two processes had written it
+    torch.save(ckpt, checkpoint_path(out))
+    run(token_corpus, out, "--max_iters=4", "--init_from=resume", "--eval_interval=1000")
+    assert "written by 2 process(es), this run has 1: random batches and dropout go on from fresh seeds" in \
+        capsys.readouterr().out
     assert load(out)["iter_num"] == 4
 
+
+def test_finetuning_learns_a_new_corpus_faster_than_scratch(tmp_path, capsys):
+    """A model trained on corpus A, fine-tuned on corpus B, is ahead of one trained on B from scratch
+    for the same iterations. A and B share their structure (phrases of the same 32 codes that repeat,
+    codebooks that follow codebook 0), not their phrases."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_token_corpus(a, file_frames=[400, 400, 300], val_file_frames=[200], seed=1, phrase_codes=32)
+    write_token_corpus(b, file_frames=[300, 200], val_file_frames=[200, 200], seed=2, phrase_codes=32)
+    run(a, tmp_path / "pretrained", "--max_iters=60", "--eval_interval=1000")
+    pretrained = checkpoint_path(tmp_path / "pretrained")
+    # no shape settings: the shape comes from the checkpoint
+    short = ["--batch_size=4", "--dtype=float32", "--compile=False", "--eval_iters=4", "--warmup_iters=2",
+             "--max_iters=10", "--eval_interval=10", "--learning_rate=1e-3", "--lr_decay_iters=10"]
+    train.main([f"--data_dir={b}", f"--out_dir={tmp_path / 'finetuned'}", f"--init_from={pretrained}", *short])
+    assert f"fine-tuning {pretrained} (iteration 60)" in capsys.readouterr().out
+    run(b, tmp_path / "scratch", *short)
+    finetuned, scratch = load(tmp_path / "finetuned"), load(tmp_path / "scratch")
+    assert finetuned["iter_num"] == scratch["iter_num"] == 10
+    assert finetuned["model_args"] == load(tmp_path / "pretrained")["model_args"]
+    assert finetuned["finetuned_from"] == {"path": os.path.abspath(pretrained), "iter_num": 60}
+    assert scratch["finetuned_from"] is None
+    assert finetuned["best_val_loss"] < scratch["best_val_loss"] - 1.0, (finetuned["best_val_loss"], scratch["best_val_loss"])
+
+
+def test_finetuning_refuses_a_missing_file_another_codec_or_shape(token_corpus, tmp_path):
+    run(token_corpus, tmp_path / "pretrained", "--max_iters=1", "--eval_interval=1000")
+    pretrained = checkpoint_path(tmp_path / "pretrained")
+    with pytest.raises(UserError, match="init_from=.*missing.pt: no such checkpoint file"):
+        run(token_corpus, tmp_path / "new", f"--init_from={tmp_path / 'missing.pt'}")
+    with pytest.raises(UserError, match="another model shape .*n_layer 2 -> 3, n_embd 32 -> 48"):
+        run(token_corpus, tmp_path / "new", f"--init_from={pretrained}", "--n_layer=3", "--n_embd=48")
+    other = tmp_path / "other"
+    write_token_corpus(other, file_frames=[400], codec="encodec_24khz")
+    with pytest.raises(UserError, match="codec mismatch: the checkpoint .*ckpt.pt uses untrained"):
+        run(other, tmp_path / "new", f"--init_from={pretrained}")
+
+
+def test_finetuning_keeps_the_styles_it_learned(token_corpus, tmp_path):
+    """The style table's rows are the checkpoint's styles: fine-tuning needs a corpus with the same
+    style names (other files, other music), and the new checkpoint keeps them; other styles, or
+    styles for a model that learned none, are refused in one line that says what to do."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    write_token_corpus(tmp_path / "styled", file_frames=[400, 300], styles=["a", "b"], seed=1)
+    write_token_corpus(mine, file_frames=[300, 200, 100], styles=["b", "a", None], seed=2)
+    write_token_corpus(other, file_frames=[400, 300], styles=["a", "c"])
+    run(tmp_path / "styled", tmp_path / "pretrained", "--max_iters=1", "--eval_interval=1000")
+    pretrained = checkpoint_path(tmp_path / "pretrained")
+    run(mine, tmp_path / "finetuned", f"--init_from={pretrained}", "--max_iters=1", "--eval_interval=1000")
+    finetuned = load(tmp_path / "finetuned")
+    assert finetuned["styles"] == ["a", "b"] and finetuned["model_args"]["n_styles"] == 2
+    with pytest.raises(UserError, match=r"cannot fine-tune .*ckpt.pt: it learned the styles \['a', 'b'\] but .* has "
+                                        r"\['a', 'c'\]; prepare .* from audio sorted into the folders a, b, or train"):
+        run(other, tmp_path / "new", f"--init_from={pretrained}", "--max_iters=1")
+    run(token_corpus, tmp_path / "plain", "--max_iters=1", "--eval_interval=1000")
+    with pytest.raises(UserError, match=r"cannot fine-tune .*ckpt.pt: it learned the styles \[\] but .* has "
+                                        r"\['a', 'b'\]; prepare .* with --styles=none, or train from scratch"):
+        run(mine, tmp_path / "new", f"--init_from={checkpoint_path(tmp_path / 'plain')}", "--max_iters=1")
 
 # --- nothing lost, one clear line ------------------------------------------------------------------
 
