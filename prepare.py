@@ -206,10 +206,12 @@ def cache_files(cache_dir, paths, codec, skipped):
         try:
             return cache_path(cache_dir, path, codec)
         except OSError as e:
-            skipped.append((path, f"cannot read file ({e.strerror})"))
+            return e
     # hashlib releases the GIL while it hashes: threads read and hash files side by side
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return {path: cached for path, cached in zip(paths, pool.map(one, paths)) if cached}
+        found = dict(zip(paths, pool.map(one, paths)))
+    skipped += [(path, f"cannot read file ({e.strerror})") for path, e in found.items() if isinstance(e, OSError)]
+    return {path: cached for path, cached in found.items() if isinstance(cached, str)}
 
 
 def cache_path(cache_dir, path, codec):

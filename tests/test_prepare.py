@@ -264,6 +264,13 @@ def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
         if os.path.basename(path) == "locked":
             raise PermissionError(13, "Permission denied")
         return scandir(path)
+    sf.write(corpus / "no_access.wav", music(1.0, 24000), 24000)  # denied to prepare's hashing (open)
+
+    def locked_open(path, *args, **kwargs):
+        if os.path.basename(path) == "no_access.wav":
+            raise PermissionError(13, "Permission denied")
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(prepare, "open", locked_open, raising=False)
 
     def denied_open(path, *args, **kwargs):
         if str(path).endswith("denied.wav"):
@@ -284,9 +291,10 @@ def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
                      "inf.wav: contains NaN/inf samples", "pipe.wav: not a regular file (a named pipe)",
                      "denied.wav: cannot read file (Permission denied)",
                      "text.mp3: not a readable audio file (format not recognised)",
-                     "text_copy.wav: same content as a file skipped above"):
+                     "text_copy.wav: same content as a file skipped above",
+                     "no_access.wav: cannot read file (Permission denied)"):
         assert expected in out
-    assert "skipped 14" in out
+    assert "skipped 15" in out
     meta = read_meta(tmp_path / "tokens")
     assert sorted(f["path"] for s in meta["splits"].values() for f in s["files"]) == ["good.wav", "silent.wav"]
 

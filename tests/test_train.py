@@ -301,7 +301,7 @@ def test_finetuning_learns_a_new_corpus_faster_than_scratch(tmp_path, capsys):
     pretrained = checkpoint_path(tmp_path / "pretrained")
     # no shape settings: the shape comes from the checkpoint
     short = ["--batch_size=4", "--dtype=float32", "--compile=False", "--eval_iters=4", "--warmup_iters=2",
-             "--max_iters=10", "--eval_interval=10", "--learning_rate=1e-3", "--lr_decay_iters=10"]
+             "--max_iters=10", "--eval_interval=10", "--learning_rate=1e-3", "--lr_decay_iters=10", "--sample_every=0"]
     train.main([f"--data_dir={b}", f"--out_dir={tmp_path / 'finetuned'}", f"--init_from={pretrained}", *short])
     assert f"fine-tuning {pretrained} (iteration 60)" in capsys.readouterr().out
     run(b, tmp_path / "scratch", *short)
