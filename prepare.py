@@ -96,10 +96,7 @@ def prepare_tokens(cfg, paths, skipped):
     remove_stale_temporaries(cache_dir)
     cache = cache_files(cache_dir, paths, codec, skipped)
     paths = [path for path in paths if path in cache]
-    first = {}  # cache file -> the first path with that content: copies are encoded once
-    for path in paths:
-        first.setdefault(cache[path], path)
-    todo = [path for cached, path in first.items() if not os.path.exists(cached)]
+    todo = [path for path in paths if not os.path.exists(cache[path])]
     processes = int(os.environ.get("WORLD_SIZE", cfg.workers))
     print(f"preparing {len(paths)} audio file(s) from {cfg.input_dir} with codec {codec.name} "
           f"into {cfg.data_dir}: {len(todo)} to encode, {len(paths) - len(todo)} cached"
@@ -110,10 +107,8 @@ def prepare_tokens(cfg, paths, skipped):
     elapsed = time.time() - start
     skipped += progress.skipped
 
-    kept = [path for path in paths if os.path.exists(cache[path])]
-    reported = {path for path, _ in skipped}
-    skipped += [(path, "same content as a file skipped above") for path in paths
-                if path not in kept and path not in reported]
+    reported = {path for path, _ in skipped}  # (a copy of a file may be cached, the file itself skipped)
+    kept = [path for path in paths if os.path.exists(cache[path]) and path not in reported]
     if not kept:
         raise UserError(f"nothing could be prepared from {cfg.input_dir}: all {found} audio files "
                         f"were skipped (reasons above)")
@@ -217,7 +212,8 @@ def cache_files(cache_dir, paths, codec, skipped):
 def cache_path(cache_dir, path, codec):
     """Where a file's codes are cached: named by a hash of the file's size and bytes and what the
     codes depend on (the codec), not by its name, so a moved, renamed, copied or re-mounted corpus
-    finds its codes. The whole file is hashed: blake2b reads ~760 MB/s per core (an hour of CD-quality
+    finds its codes. (Copies that are new together are each encoded: one failing for a reason of its
+    own, such as its permissions, then does not take the others with it.) The whole file is hashed: blake2b reads ~760 MB/s per core (an hour of CD-quality
     FLAC in ~0.5 s), far less than encoding that hour takes; hashing only parts of a file would miss
     an edit elsewhere that keeps its size (a click removed from a WAV)."""
     digest = hashlib.blake2b(f"{codec.cache_key}\0{os.path.getsize(path)}\0".encode(), digest_size=16)
