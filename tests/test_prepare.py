@@ -195,24 +195,38 @@ def test_a_moved_corpus_and_copied_files_hit_the_cache(tmp_path, capsys, monkeyp
     assert "0 to encode, 3 cached" in out and calls["done"] == 0
     assert read_bytes(tmp_path / "tokens") == before
     shutil.copy(moved / "b.flac", moved / "b_copy.flac")
+    os.makedirs(moved / "calm")  # a copy in a style folder: the cached codes, its own style
+    shutil.copy(moved / "b.flac", moved / "calm" / "b.flac")
     shutil.copy(moved / "c.ogg", moved / "d.ogg")
     open(moved / "d.ogg", "ab").write(b"\0")  # one byte more: another file, encoded
     out = run(capsys, moved, tmp_path / "tokens")
-    assert "1 to encode, 4 cached" in out and calls["done"] == 1
-    files = {f["path"]: f["frames"] for s in read_meta(tmp_path / "tokens")["splits"].values() for f in s["files"]}
-    assert files["b_copy.flac"] == files["b.flac"] and len(files) == 5
+    assert "1 to encode, 5 cached" in out and calls["done"] == 1
+    files = {f["path"]: (f["frames"], f["style"]) for s in read_meta(tmp_path / "tokens")["splits"].values()
+             for f in s["files"]}
+    assert len(files) == 6 and files["b.flac"][1] is None and files["calm/b.flac"][1] == "calm"
+    assert files["b_copy.flac"][0] == files["calm/b.flac"][0] == files["b.flac"][0]
+
+
+def styled_corpus(folder):
+    """make_corpus and a file in a style folder (styles are the one thing not in the cache: the
+    process that writes meta.json gives them from the paths)."""
+    make_corpus(folder)
+    os.makedirs(folder / "calm")
+    sf.write(folder / "calm" / "d.wav", music(1.0, 24000, index=3), 24000)
+    return folder
 
 
 def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, capsys):
-    corpus = make_corpus(tmp_path / "wavs")
+    corpus = styled_corpus(tmp_path / "wavs")
     run(capsys, corpus, tmp_path / "one")
+    assert read_meta(tmp_path / "one")["styles"] == [{"name": "calm", "frames": 75}]
     # a run killed after one file: its cache holds that file's codes only
     os.makedirs(tmp_path / "two" / "cache")
     done = sorted(os.listdir(tmp_path / "one" / "cache"))[0]
     shutil.copy2(tmp_path / "one" / "cache" / done, tmp_path / "two" / "cache" / done)
     stamp = os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns
     out = run(capsys, corpus, tmp_path / "two", "--workers=2")
-    assert "3 to encode, 1 cached, 2 processes" in out  # broken.wav is tried again
+    assert "4 to encode, 1 cached, 2 processes" in out  # broken.wav is tried again
     assert "skipped 1: broken.wav: not a readable audio file" in out
     assert os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path / "two" / "cache")) == sorted(os.listdir(tmp_path / "one" / "cache"))
@@ -220,14 +234,14 @@ def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, c
 
 
 def test_torchrun_prepare_gives_the_bytes_of_one_process(tmp_path, capsys):
-    corpus = make_corpus(tmp_path / "wavs")
+    corpus = styled_corpus(tmp_path / "wavs")
     run(capsys, corpus, tmp_path / "one")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "prepare.py",
          f"--input_dir={corpus}", f"--data_dir={tmp_path / 'two'}", "--codec=untrained"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "4 to encode, 0 cached, 2 processes" in result.stdout and "prepared 3 file(s)" in result.stdout
+    assert "5 to encode, 0 cached, 2 processes" in result.stdout and "prepared 4 file(s)" in result.stdout
     assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
 
 
