@@ -26,7 +26,7 @@ from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.generate import check_sampling, generate, prompt_frames_used
-from nanosuno.hardware import pick_device, pick_dtype
+from nanosuno.hardware import pick_decode_dtype, pick_device
 from nanosuno.plots import save_spectrogram
 
 # memory per audio sample of a decoded piece while its WAV and spectrogram are made (check_memory):
@@ -98,7 +98,7 @@ def check_memory(model, codec_info, new_frames, num_samples, prompt, guided=Fals
     cfg, B = model.config, num_samples
     ram = available_memory()
     streams = 2 * B if guided else B
-    fixed = streams * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * next(model.parameters()).element_size()
+    fixed = streams * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * model.cache_dtype.itemsize
                                          + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
                        + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
     per_frame = 3 * 8 * B * cfg.n_codebooks + AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / codec_info["frame_rate"]
@@ -158,14 +158,10 @@ def write_index(path, names, labels, settings, warning):
 def main(argv):
     cfg = load_config(argv)
     device = pick_device(cfg.device)
+    decode_dtype = pick_decode_dtype(cfg.decode_dtype, device)
     ckpt = load_checkpoint(cfg.out_dir, device)
     check_codec_setting(cfg.codec, ckpt["codec"]["name"], f"{checkpoint_path(cfg.out_dir)} was trained on")
-    # one step at batch 1 is a chain of tiny matmuls: on a CPU those are faster in float32 than in
-    # bfloat16 (bench.py sample), so "auto" means float32 there and bfloat16 on a GPU
-    dtype = torch.float32 if cfg.dtype == "auto" and not device.startswith("cuda") else pick_dtype(cfg.dtype, device)
-    model = model_from_checkpoint(ckpt, device).to(dtype).eval()
-    # after .to(): int8 copies are snapshots of the weights (opt-in: faster on a CPU, approximate)
-    model.prepare_decode(int8=cfg.int8_decode)
+    model = model_from_checkpoint(ckpt, device).eval().prepare_decode(decode_dtype)
     K, block_size = model.config.n_codebooks, model.config.block_size
     # generate() checks these too; here they fail before the codec loads and anything is written
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
@@ -205,7 +201,7 @@ def main(argv):
                     "style": ", ".join(styles) if styles else "none (unconditional)",
                     "cfg_coef": cfg.cfg_coef if styles else "-",
                     "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
-                    "device": f"{device}, {str(dtype).removeprefix('torch.')}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_index(os.path.join(sample_dir, "index.html"), names, labels, settings, warning)
 
     new_seconds = len(labels) * new_frames / codec.frame_rate

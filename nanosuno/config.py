@@ -77,7 +77,7 @@ class Config:
     cfg_dropout: float = 0.2            # with styles: share of training windows shown as "no style"
     # --- system -----------------------------------------------------------------------------
     device: str = "auto"                # auto = cuda, then mps, then cpu
-    dtype: str = "auto"                 # auto = bfloat16 where supported (else float16 on cuda), float32, ...
+    dtype: str = "auto"                 # training: auto = bfloat16 where supported (else float16 on cuda), float32, ...
     compile: typing.Optional[bool] = None  # None = on for CUDA, off elsewhere
     seed: int = 1337
     # --- sampling ---------------------------------------------------------------------------
@@ -92,7 +92,9 @@ class Config:
     # it from the start and re-read the rest; smaller = more context kept, more re-reading
     context_stride: float = 0.25
     sample_dir: typing.Optional[str] = None  # WAVs, spectrograms and index.html (default: out_dir/samples)
-    int8_decode: bool = False           # int8 weights for each generated step: ~1.5x faster on CPU, approximate
+    # precision of generation: float32, bfloat16, or int8 (bfloat16 with int8 weight matrices); auto =
+    # int8 on a CPU, bfloat16 on a GPU: the fastest within 0.005 nats of float32 (bench.py decode_quality)
+    decode_dtype: str = "auto"
     style: typing.Optional[str] = None  # a style the checkpoint knows, or "a,b" (num_samples each); None = any
     # with a style: classifier-free guidance, logits = uncond + cfg_coef * (cond - uncond); 1 = none
     cfg_coef: float = 3.0
@@ -146,6 +148,7 @@ RULES = {
     "top_k": (">= 1", lambda v: v >= 1),
     "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
     "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "decode_dtype": ("auto, float32, bfloat16 or int8", lambda v: v in ("auto", "float32", "bfloat16", "int8")),
     "style": ("None or style names separated by commas", lambda v: all(name.strip() for name in v.split(","))),
     "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
 }

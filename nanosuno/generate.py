@@ -60,18 +60,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=0.0, generator=None):
         return logits.argmax(-1)
     V, scores, codes = logits.shape[-1], logits, None
     if (top_k and top_k < V) or top_p:
-        # work on the top_k candidates only: noise over k values instead of all V
-        # (this runs once per generated step, so it matters)
+        # work on the top_k candidates only: noise over k values instead of all V, for every head
+        # of every piece in one call (this runs once per generated step, so it matters)
         scores, codes = torch.topk(logits, min(top_k or V, V), dim=-1, sorted=bool(top_p))
-    scores = scores.float() / temperature
     if top_p and top_p < 1.0:
         # scores are sorted: drop a code once the codes before it reach top_p (the first stays)
-        probs = F.softmax(scores, dim=-1)
+        probs = F.softmax(scores.float() / temperature, dim=-1)
         scores = scores.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    # Gumbel-max: argmax(scores - log E) with E ~ Exp(1) = -log(U) draws from softmax(scores)
-    # exactly, needs no softmax, and is faster than torch.multinomial on small batches
+    # Gumbel-max: argmax(scores / T - log E) with E ~ Exp(1) = -log(U) draws from softmax(scores / T)
+    # exactly, needs no softmax, and is faster than torch.multinomial on small batches. Written
+    # argmax(scores - T log E), the same argmax in one op fewer (and in float32: the noise is)
     log_e = torch.rand(scores.shape, device=scores.device, generator=generator).log_().neg_().log_()
-    pick = (scores - log_e).max(-1, keepdim=True).indices   # max(): faster than argmax() on CPU
+    pick = torch.add(scores, log_e, alpha=-temperature).max(-1, keepdim=True).indices  # max(): faster than argmax() on CPU
     return (pick if codes is None else codes.gather(-1, pick)).squeeze(-1)
 
 

@@ -52,6 +52,19 @@ def pick_dtype(setting, device):
     return dtypes[setting]
 
 
+def pick_decode_dtype(setting, device):
+    """Generation's precision, one of model.DECODE_DTYPES (the config checks the setting). 'auto' =
+    int8 on a CPU, bfloat16 on a GPU that has it, else float32. On a CPU a decode step is bound by
+    reading the weights, and int8 reads a quarter of float32's bytes (bench.py decode_quality
+    measures what it costs in cross-entropy)."""
+    if setting != "auto":
+        return setting
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return "int8"
+    return "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
 def autocast(device, dtype):
     """Mixed precision for the forward pass; a no-op in float32."""
     if dtype == torch.float32:

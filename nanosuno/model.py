@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from nanosuno.optim import MuonAdamW
 
 
+# the precisions decode_step can run in (see GPT.prepare_decode)
+DECODE_DTYPES = ("float32", "bfloat16", "int8")
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 2048          # max steps of context (75 steps = 1 second of audio)
@@ -88,6 +92,7 @@ class CausalSelfAttention(nn.Module):
             kv = cache.kv[layer]
             kv[:, :, :, start:end] = qkv[1:]
             k, v = kv[:, :, :, :end]
+            q = q.to(kv.dtype)  # the cache may be wider than the model (see new_cache)
             if T == 1:      # one new step sees every cached step: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:  # prefill from empty: plain causal
@@ -95,7 +100,7 @@ class CausalSelfAttention(nn.Module):
             else:           # a chunk after cached steps: query i sees keys 0..start+i
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -125,25 +130,30 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _linear(x, weight, bias=None, residual=None):
-    """residual + F.linear(x, weight, bias), for decode_step. weight is a tensor (the residual add
-    then rides along in the matmul: one addmm), or an (int8 weight, per-row scales) pair from
-    _int8, multiplied by the dequantizing kernel with bf16 activations."""
-    if isinstance(weight, tuple):
-        y = torch._weight_int8pack_mm(x.to(weight[1].dtype), *weight).to(x.dtype)
-        y = y if bias is None else y + bias
-        return y if residual is None else residual + y
-    if residual is None:
-        return F.linear(x, weight, bias)
-    y = torch.addmm(residual, x, weight.t())
-    return y if bias is None else y + bias
-
-
-def _int8(weight):
-    """A weight matrix as int8 with one bf16 scale per output row (symmetric, absmax)."""
+def _decode_matrix(weight, int8):
+    """A weight matrix (out, in) as decode_step multiplies it: the parameter itself, transposed (a
+    view: it follows training and loading); or int8 with one bf16 scale per output row (symmetric,
+    absmax) for torch's dequantizing int8 kernel, a quarter of float32's bytes (a copy)."""
+    if not int8:
+        return weight.detach().t()
     w = weight.detach().float()
     scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
     return (w / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8), scales
+
+
+def _matmul(x, weight, bias=None, residual=None):
+    """residual + x @ weight + bias for decode_step (bias and residual optional), weight from
+    _decode_matrix: a float matrix, where one addmm also adds the residual; or an (int8 matrix,
+    scales) pair, whose kernel takes bf16 activations (an int8 model is bf16, see prepare_decode)."""
+    if isinstance(weight, tuple):
+        y = torch._weight_int8pack_mm(x, *weight)
+    elif residual is None:
+        y = x @ weight
+    else:
+        y, residual = torch.addmm(residual, x, weight), None
+    if bias is not None:
+        y = y + bias
+    return y if residual is None else residual + y
 
 
 def codebook_losses(logits, targets, special):
@@ -230,63 +240,85 @@ class GPT(nn.Module):
             loss = losses.nanmean()
         return logits, loss
 
-    def new_cache(self, batch_size, max_len=None):
-        max_len = max_len or self.config.block_size
+    @property
+    def cache_dtype(self):
+        """The KV cache's dtype: the model's, but at least float32 on a CPU, where attention over a
+        bfloat16 cache runs 3-6x slower than over a float32 one (more than twice the bytes cost)."""
         p = self.lm_heads.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return torch.promote_types(p.dtype, torch.float32) if p.device.type == "cpu" else p.dtype
+
+    def new_cache(self, batch_size, max_len=None):
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, self.lm_heads.weight.device,
+                       self.cache_dtype)
 
     @torch.no_grad()
     def prefill(self, codes, cache, styles=None):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
         return self(codes, cache=cache, last_only=True, styles=styles)[0][:, :, -1]
 
-    def prepare_decode(self, int8=False):
-        """Build decode_step's view of the weights: a plain dict of the parameters per block, then
-        one for the heads, so that a step does not look them up through nn.Module attributes.
-
-        int8=True stores int8 copies of the weight matrices instead (see _int8): a CPU decode step
-        is bound by reading the weights, and int8 reads a quarter of fp32's bytes. On a 2-core CPU a
-        bf16 model then decodes ~1.5x faster than fp32 (plain bf16 is slower than fp32 there:
-        batch-1 bf16 matmuls are slow), with logits ~2.5x further from fp32's than the bf16 model's.
-        Prefill keeps the model's own weights.
-
-        The int8 copies are snapshots: call this after moving, casting or loading the model.
-        Without a call, decode_step builds the plain view on first use."""
-        groups = [dict(block.named_parameters()) for block in self.h] + [{"lm_heads.weight": self.lm_heads.weight}]
-        if int8:
-            groups = [{name: _int8(p) if p.dim() == 2 else p for name, p in g.items()} for g in groups]
-        self.decode_weights = groups
+    def prepare_decode(self, dtype=None):
+        """Get the model ready for decode_step in one of DECODE_DTYPES (None: as the model is):
+          float32   the model in float32;
+          bfloat16  the model cast to bfloat16 (prefill, KV cache and logits too);
+          int8      the model cast to bfloat16, and decode_step's weight matrices (blocks and heads)
+                    as int8 with one scale per output row (see _decode_matrix).
+        On a CPU a decode step reads every weight once: fewer bytes are faster. What each precision
+        costs in teacher-forced cross-entropy, `python bench.py decode_quality` measures
+        (decode_dtype=auto is the fastest within 0.005 nats of float32). decode_step keeps the
+        weights in plain dicts (no nn.Module lookups per step). Float matrices are the parameters
+        themselves; int8 ones are copies: call this again after moving, casting or loading the
+        model. Without a call, decode_step prepares the model as it is on first use."""
+        if dtype is not None:
+            if dtype not in DECODE_DTYPES:
+                raise ValueError(f"decode dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
+            self.to(torch.float32 if dtype == "float32" else torch.bfloat16)
+        int8 = dtype == "int8"
+        self.decode_weights = [{name: _decode_matrix(p, int8) if p.dim() == 2 else p.detach()
+                                for name, p in block.named_parameters()} for block in self.h]
+        self.decode_weights.append({"lm_heads.weight": _decode_matrix(self.lm_heads.weight, int8)})
         return self
 
-    @torch.no_grad()
     def decode_step(self, codes, cache, styles=None):
-        """One step (B, K) -> logits (B, K, V) for the step after it (styles: see add_style).
-        This is forward() for a single step, written out with functional calls: a step is only
-        ~1 ms of work on a CPU, and forward's module calls, nn.Module attribute lookups (~150 a
-        step), no-op dropouts, reshapes and separate residual adds would cost a third as much
-        again. The cache-equivalence test keeps the two in step. Assumes eval mode (no dropout)."""
+        """One step (B, K) -> logits (B, K, V) for the step after it, at the cache's length
+        (styles: see add_style)."""
+        if cache.length >= self.config.block_size:
+            raise ValueError(f"sequence of {cache.length + 1} steps exceeds block_size {self.config.block_size}")
+        logits = self.step_logits(codes, cache.kv, cache.length, styles)
+        cache.advance(1)
+        return logits
+
+    @torch.no_grad()
+    def step_logits(self, codes, kv_cache, t, styles=None):
+        """decode_step's work: the step `codes` (B, K) at position t, its keys and values written into
+        the cache; returns the logits (B, K, V).
+
+        This is forward() for a single step, written out flat: a step is well under a millisecond
+        of work on a CPU, and at batch 1 each op's dispatch costs about as much as its arithmetic,
+        so no module is called, nothing is looked up by attribute, no dropout runs (eval mode is
+        assumed) and residual adds ride along in the matmuls. The cache-equivalence test holds it
+        equal to forward()."""
         B, K = codes.shape
-        C, H, t = self.config.n_embd, self.config.n_head, cache.length
-        if t >= self.config.block_size:
-            raise ValueError(f"sequence of {t + 1} steps exceeds block_size {self.config.block_size}")
+        C, H = self.config.n_embd, self.config.n_head
         if self.decode_weights is None:
             self.prepare_decode()
         *layers, heads = self.decode_weights
-        x = F.embedding(codes + self.code_offsets[:, :, 0], self.wte.weight).sum(1) + self.wpe.weight[t]
+        # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
+        x = F.embedding_bag(codes + self.code_offsets[0, :, 0], self.wte.weight, mode="sum")
+        x = x + self.wpe.weight[t]      # (B, C)
         x = self.add_style(x, styles)
-        for w, kv in zip(layers, cache.kv):
+        for w, kv in zip(layers, kv_cache):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
-            qkv = _linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
-            kv.narrow(3, t, 1).copy_(qkv.narrow(0, 1, 2))  # this step's keys and values
-            k, v = kv.narrow(3, 0, t + 1)
-            y = F.scaled_dot_product_attention(qkv[0], k, v).view(B, C)  # (B, H, 1, D) is (B, C) in memory
-            x = _linear(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
+            qkv = _matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
+            q = qkv[0].to(kv.dtype)   # the cache may be wider than the model (see new_cache)
+            kv.narrow(3, t, 1).copy_(qkv[1:])      # this step's keys and values
+            y = F.scaled_dot_product_attention(q, *kv.narrow(3, 0, t + 1))
+            y = y.view(B, C).to(x.dtype)          # (B, H, 1, D) is (B, C) in memory
+            x = _matmul(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
             h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
-            h = F.gelu(_linear(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
-            x = _linear(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
-        cache.advance(1)
+            h = F.gelu(_matmul(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
+            x = _matmul(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
         x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
-        return _linear(x, heads["lm_heads.weight"]).view(B, K, -1)
+        return _matmul(x, heads["lm_heads.weight"]).view(B, K, -1)
 
     def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas):
         """Muon for the blocks' weight matrices, AdamW for everything else: the code and position
