@@ -98,6 +98,48 @@ def prompt_frames_used(model, prompt_frames, context_stride=0.25):
     return min(prompt_frames, context_keep_steps(cfg.block_size, context_stride, cfg.n_codebooks))
 
 
+class CUDAGraphStep:
+    """model.decode_step for one cache, captured once as a CUDA graph.
+
+    A decode step is ~100 small kernels. Launched one by one from Python, the GPU spends most of a
+    step waiting for the next launch; captured, a step is one graph launch plus two small copies
+    into its input buffers, with no host sync, so Python runs ahead and the GPU stays busy. A graph
+    replays fixed shapes: the position is a device tensor, and each step attends over the whole
+    cache with the steps beyond it masked (GPT.step_logits). Replays read and write the cache's
+    tensors in place, so prefills and window slides between steps need nothing from the graph.
+    Build it on an empty cache (warming up writes a step at position 0), with the styles every step
+    will use (see GPT.add_style)."""
+
+    def __init__(self, model, cache, styles=None):
+        if cache.length:
+            raise ValueError("CUDAGraphStep warms up at position 0: build it before filling the cache")
+        B, device = cache.kv[0].shape[1], cache.kv[0].device
+        self.model, self.styles = model, styles     # the graph reads the styles from this tensor
+        self.codes = torch.zeros(B, model.config.n_codebooks, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        # warm up on a side stream before capturing (kernels choose their algorithms and workspaces)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.step_logits(self.codes, cache.kv, self.position, styles)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step_logits(self.codes, cache.kv, self.position, styles)
+
+    def __call__(self, codes, cache):
+        """model.decode_step(codes, cache, styles). The logits returned are the graph's output buffer: the
+        next step overwrites them."""
+        if cache.length >= self.model.config.block_size:
+            raise ValueError(f"sequence of {cache.length + 1} steps exceeds block_size {self.model.config.block_size}")
+        self.codes.copy_(codes)
+        self.position.fill_(cache.length)
+        self.graph.replay()
+        cache.advance(1)
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
              seed=1337, context_stride=0.25, progress=None, styles=None, cfg_coef=None):
@@ -160,6 +202,10 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
         return codes
 
     cache = model.new_cache(streams)
+    if device.type == "cuda":   # a step is one captured graph instead of ~100 kernel launches
+        decode_step = CUDAGraphStep(model, cache, stream_styles)
+    else:
+        decode_step = lambda codes, cache: model.decode_step(codes, cache, stream_styles)
     if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
         logits = model.prefill(both(window(0, P)), cache, stream_styles)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
@@ -179,7 +225,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
         if s == steps - 1:
             break
         if cache.length < cache.max_len:
-            logits = model.decode_step(both(codes), cache, stream_styles)
+            logits = decode_step(both(codes), cache)
         else:   # context full: slide the window, re-read the most recent `keep` steps
             cache.reset()
             logits = model.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)

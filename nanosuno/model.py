@@ -290,7 +290,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def step_logits(self, codes, kv_cache, t, styles=None):
         """decode_step's work: the step `codes` (B, K) at position t, its keys and values written into
-        the cache; returns the logits (B, K, V).
+        the cache; returns the logits (B, K, V). t is a Python int (attend over the t + 1 steps
+        filled so far), or a 1-element device tensor (what a CUDA graph replays, see
+        generate.CUDAGraphStep: shapes are fixed, so every step attends over the whole cache,
+        masked beyond t).
 
         This is forward() for a single step, written out flat: a step is well under a millisecond
         of work on a CPU, and at batch 1 each op's dispatch costs about as much as its arithmetic,
@@ -302,16 +305,23 @@ class GPT(nn.Module):
         if self.decode_weights is None:
             self.prepare_decode()
         *layers, heads = self.decode_weights
+        at_tensor = torch.is_tensor(t)
         # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
         x = F.embedding_bag(codes + self.code_offsets[0, :, 0], self.wte.weight, mode="sum")
-        x = x + self.wpe.weight[t]      # (B, C)
+        x = x + (self.wpe.weight.index_select(0, t) if at_tensor else self.wpe.weight[t])      # (B, C)
         x = self.add_style(x, styles)
+        if at_tensor:
+            visible = (torch.arange(kv_cache[0].shape[3], device=t.device) <= t).view(1, -1)  # (query, keys)
         for w, kv in zip(layers, kv_cache):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
             qkv = _matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
             q = qkv[0].to(kv.dtype)   # the cache may be wider than the model (see new_cache)
-            kv.narrow(3, t, 1).copy_(qkv[1:])      # this step's keys and values
-            y = F.scaled_dot_product_attention(q, *kv.narrow(3, 0, t + 1))
+            if at_tensor:
+                kv.index_copy_(3, t, qkv[1:])      # this step's keys and values
+                y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=visible)
+            else:
+                kv.narrow(3, t, 1).copy_(qkv[1:])
+                y = F.scaled_dot_product_attention(q, *kv.narrow(3, 0, t + 1))
             y = y.view(B, C).to(x.dtype)          # (B, H, 1, D) is (B, C) in memory
             x = _matmul(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
             h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))

@@ -224,3 +224,19 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
     for dtype in ("bfloat16", "int8"):
         ce = decode_cross_entropy(copy.deepcopy(model).prepare_decode(dtype), windows)[0]
         assert ce != reference and abs(ce - reference) < 0.01, (dtype, ce, reference)
+
+
+def test_step_at_a_device_position_matches_decode_step():
+    """step_logits with the position as a tensor (what a CUDA graph replays: the whole cache, masked
+    beyond the position) computes what decode_step computes over the filled steps, styles too."""
+    model = tiny(K=8, n_styles=2)
+    codes, styles = torch.randint(0, 65, (2, 8, 30)), torch.tensor([1, 0])
+    caches = [model.new_cache(2), model.new_cache(2)]
+    for cache in caches:
+        model.prefill(codes[:, :, :10], cache, styles)
+    for t in range(10, 30):
+        expected = model.decode_step(codes[:, :, t], caches[0], styles)
+        got = model.step_logits(codes[:, :, t], caches[1].kv, torch.tensor([t]), styles)
+        caches[1].advance(1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].kv[0][:, :, :, :30], caches[0].kv[0][:, :, :, :30], atol=1e-6, rtol=1e-6)
