@@ -348,10 +348,11 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
              "--eval_iters=1", "--sample_every=0", f"--seed={seed}", "--compile=False"]
     print(f"learn: config/small.py dims, batch 4 x 2048 steps, {minutes if not steps else '-'} min / "
           f"{steps or '-'} iterations; {_cpu_name()}; load average {os.getloadavg()[0]:.1f}")
+    # both models are timed before either trains, so their budgets come from the same machine state
+    budgets = {K: steps or _iterations_in(minutes, load_config(fixed + [f"--n_codebooks={K}"]), meta)
+               for K in (8, 1)}
     results = {}
-    for K in (8, 1):
-        cfg = load_config(fixed + [f"--n_codebooks={K}"])
-        iters = steps or _iterations_in(minutes, cfg, meta)
+    for K, iters in budgets.items():
         out_dir = tempfile.mkdtemp(prefix=f"bench-learn-K{K}-")
         start = time.time()
         train.main(fixed + [f"--n_codebooks={K}", f"--out_dir={out_dir}", f"--max_iters={iters}",
