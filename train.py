@@ -36,7 +36,7 @@ from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
-from nanosuno.model import GPT, GPTConfig, codebook_losses
+from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY, codebook_losses
 from nanosuno.plots import save_loss_plot, save_spectrogram
 
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
@@ -197,7 +197,7 @@ def load_start(cfg, proc):
             raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
-    shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k != "dropout"}
+    shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k not in TRAINING_ONLY}
     changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items() if getattr(cfg, k) not in (v, getattr(Config, k))]
     if changed:
         raise UserError(f"cannot start from {path} with another model shape ({', '.join(changed)}): leave "

@@ -54,6 +54,9 @@ class Config:
     block_size: int = 2048              # context in steps; 75 steps = 1 second of audio
     dropout: float = 0.0
     bias: bool = False
+    # codebook 0's weight in the training loss (each other codebook's is 1): it is the hardest to
+    # predict and, weighted equally, learns slower than a model of codebook 0 alone (README: How well it learns)
+    codebook0_weight: float = 4.0
     # --- training ---------------------------------------------------------------------------
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt) or a checkpoint to fine-tune
     overwrite: bool = False             # a new run (scratch or fine-tune) may replace the checkpoint and log already in out_dir
@@ -121,6 +124,7 @@ RULES = {
     "n_embd": (">= 1", lambda v: v >= 1),
     "block_size": (">= 2", lambda v: v >= 2),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "codebook0_weight": ("> 0", lambda v: v > 0),
     "init_from": ("'scratch', 'resume' or the path of a checkpoint to fine-tune", lambda v: v != ""),
     "batch_size": (">= 1", lambda v: v >= 1),
     "gradient_accumulation_steps": (">= 1", lambda v: v >= 1),

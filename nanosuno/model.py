@@ -42,6 +42,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False              # biases in Linears and LayerNorms (False: a bit better and faster)
     n_styles: int = 0               # style labels (0 = unconditional: no style table)
+    codebook0_weight: float = 1.0   # codebook 0's weight in the training loss, each other codebook's is 1
+
+
+# settings in GPTConfig that shape how the model trains, not the model: resume may change them
+TRAINING_ONLY = ("dropout", "codebook0_weight")
 
 
 class KVCache:
@@ -178,6 +183,12 @@ class GPT(nn.Module):
         if config.n_styles:  # one row per style and a last one for "no style"
             self.style_emb = nn.Embedding(config.n_styles + 1, config.n_embd)
         self.register_buffer("code_offsets", torch.arange(K).view(1, K, 1) * (V + 1), persistent=False)
+        # With equal weights, codebook 0 (the coarsest, most audible stream, and the hardest: it is
+        # predicted with nothing of its frame known) learns slowest, and a model of codebook 0 alone
+        # beats it. Weighting it up buys that back at no cost to the mean (bench.py learn, README).
+        weights = torch.ones(K)
+        weights[0] = config.codebook0_weight
+        self.register_buffer("loss_weights", weights, persistent=False)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -215,7 +226,9 @@ class GPT(nn.Module):
         return x + (s[:, None] if x.dim() == 3 else s)
 
     def forward(self, codes, targets=None, cache=None, last_only=False, styles=None):
-        """codes (B, K, T) -> logits (B, K, T, V) and the loss (None without targets).
+        """codes (B, K, T) -> logits (B, K, T, V) and the training loss (None without targets): the
+        per-codebook cross-entropies averaged with loss_weights (their plain mean is what evaluation
+        reports).
         With a cache, the steps are appended after the cached ones; last_only returns only the
         last step's logits (B, K, 1, V), which is all generation needs. styles: (B,) style ids
         (see add_style)."""
@@ -236,8 +249,8 @@ class GPT(nn.Module):
         logits = self.lm_heads(x).view(B, x.shape[1], K, -1).transpose(1, 2)   # (B, K, T, V)
         loss = None
         if targets is not None:
-            losses = codebook_losses(logits, targets, self.config.codebook_size)
-            loss = losses.nanmean()
+            losses = codebook_losses(logits, targets, self.config.codebook_size) * self.loss_weights
+            loss = losses.nansum() / self.loss_weights[~losses.isnan()].sum()
         return logits, loss
 
     @property

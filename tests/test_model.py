@@ -55,6 +55,27 @@ def test_loss_ignores_special_targets_and_averages_codebooks():
     assert torch.allclose(loss, (nll0 + nll1) / 2, atol=1e-5)
 
 
+def test_codebook0_weight_weighs_the_training_loss():
+    """The training loss weighs codebook 0 by codebook0_weight and each other codebook by 1; the
+    logits do not depend on it, and a codebook with no real target is left out of both sums."""
+    codes = torch.randint(0, 64, (1, 3, 10))
+    plain = tiny(K=3)
+    weighted = GPT(GPTConfig(**{**vars(plain.config), "codebook0_weight": 4.0})).eval()
+    weighted.load_state_dict(plain.state_dict())
+    logits, loss = weighted(codes, codes)
+    assert torch.equal(logits, plain(codes)[0])
+    per_codebook = codebook_losses(logits, codes, 64)
+    assert torch.allclose(loss, (4 * per_codebook[0] + per_codebook[1:].sum()) / 6, atol=1e-6)
+    assert not torch.allclose(loss, per_codebook.mean(), atol=1e-3)
+    targets = codes.clone()
+    targets[:, 0] = 64                                # codebook 0 has nothing to predict here
+    _, loss = weighted(codes, targets)
+    assert torch.allclose(loss, codebook_losses(logits, targets, 64)[1:].mean(), atol=1e-6)
+    one = GPT(GPTConfig(**{**vars(tiny(K=1).config), "codebook0_weight": 4.0})).eval()
+    logits, loss = one(codes[:, :1], codes[:, :1])    # alone, codebook 0's weight cancels out
+    assert torch.allclose(loss, codebook_losses(logits, codes[:, :1], 64)[0], atol=1e-6)
+
+
 @pytest.mark.parametrize("K", [1, 8])
 def test_causality(K):
     """Changing a future step leaves every earlier logit unchanged (and changes later ones)."""
