@@ -56,7 +56,7 @@ class Config:
     bias: bool = False
     # codebook 0's weight in the training loss (each other codebook's is 1): it is the hardest to
     # predict and, weighted equally, learns slower than a model of codebook 0 alone (README: How well it learns)
-    codebook0_weight: float = 8.0
+    codebook0_weight: float = 2.0
     # --- training ---------------------------------------------------------------------------
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt) or a checkpoint to fine-tune
     overwrite: bool = False             # a new run (scratch or fine-tune) may replace the checkpoint and log already in out_dir
