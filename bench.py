@@ -294,32 +294,40 @@ def bench_train(compile_on_cpu=False, batch_size=None):
 
 # --- learn -----------------------------------------------------------------------------------------
 
+def delayed_windows(data_dir, meta, n_codebooks, length, split="val"):
+    """Every file of a split cut into consecutive windows of `length` frames (a file's last one
+    shorter), each laid out as in training (delayed, warm-up included): yields (file entry, (K, n))."""
+    import numpy as np
+    import torch
+    from nanosuno.data import open_split
+    from nanosuno.pattern import delay_interleave
+    tokens, special = open_split(data_dir, meta, split), meta["codebook_size"]
+    for f in meta["splits"][split]["files"]:
+        for start in range(0, f["frames"] - 1, length):
+            n = min(length, f["frames"] - start)
+            crop = np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :n_codebooks], dtype=np.int64)
+            yield f, delay_interleave(torch.from_numpy(crop).T, special)[:, :n]
+
+
 def val_losses(model, data_dir, meta, n_codebooks, styles=None):
     """Val cross-entropy per codebook over the WHOLE val split: every file cut into consecutive
     windows of block_size + 1 frames (the last one shorter), each laid out as in training. Unlike
     train.py's eval (random windows), this is deterministic, so two runs compare exactly.
     styles: the model's style names, to give each window its file's style (None: "no style")."""
-    import numpy as np
     import torch
-    from nanosuno.data import open_split
     from nanosuno.model import codebook_losses
-    from nanosuno.pattern import delay_interleave
-    tokens, special = open_split(data_dir, meta, "val"), meta["codebook_size"]
-    T, K = model.config.block_size, n_codebooks
+    special, K = meta["codebook_size"], n_codebooks
     total, count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
     model.eval()
-    for f in meta["splits"]["val"]["files"]:
-        for start in range(0, f["frames"] - 1, T + 1):
-            n = min(T + 1, f["frames"] - start)
-            crop = torch.from_numpy(np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :K], dtype=np.int64))
-            window = delay_interleave(crop.T, special)[None, :, :n]       # (1, K, n) delayed
-            style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
-            logits, _ = model(window[:, :, :-1], styles=style)
-            targets = window[:, :, 1:]
-            real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
-            losses = codebook_losses(logits, targets, special).double()
-            total += torch.nan_to_num(losses) * real
-            count += real
+    for f, window in delayed_windows(data_dir, meta, K, model.config.block_size + 1):
+        window = window[None]                                             # (1, K, n)
+        style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
+        logits, _ = model(window[:, :, :-1], styles=style)
+        targets = window[:, :, 1:]
+        real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
+        losses = codebook_losses(logits, targets, special).double()
+        total += torch.nan_to_num(losses) * real
+        count += real
     return (total / count).tolist()
 
 
@@ -642,18 +650,9 @@ def bench_sample_gpu(device):
 # --- decode quality ----------------------------------------------------------------------------------
 
 def token_windows(data_dir, meta, n_codebooks, steps, split="val"):
-    """Every file of a split cut into windows of `steps` steps in the delayed layout (as training
-    sees them, warm-up included), stacked: (windows, K, steps). A file's remainder is left out."""
-    import numpy as np
+    """delayed_windows of `steps` steps, stacked: (windows, K, steps). A file's remainder is left out."""
     import torch
-    from nanosuno.data import open_split
-    from nanosuno.pattern import delay_interleave
-    tokens, windows = open_split(data_dir, meta, split), []
-    for f in meta["splits"][split]["files"]:
-        for start in range(0, f["frames"] - steps + 1, steps):
-            crop = np.asarray(tokens[f["offset"] + start:f["offset"] + start + steps, :n_codebooks], dtype=np.int64)
-            windows.append(delay_interleave(torch.from_numpy(crop).T, meta["codebook_size"])[:, :steps])
-    return torch.stack(windows)
+    return torch.stack([w for _, w in delayed_windows(data_dir, meta, n_codebooks, steps, split) if w.shape[1] == steps])
 
 
 def decode_cross_entropy(model, windows, batch_size=16):
