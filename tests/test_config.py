@@ -107,6 +107,7 @@ def test_help_lists_every_setting(capsys):
     ("--out_dir=", "setting 'out_dir' must be a folder name, got ''"),
     ("--sample_every=-1", r"setting 'sample_every' must be >= 0 \(0 = off\), got -1"),
     ("--dropout=2", r"setting 'dropout' must be in \[0, 1\), got 2.0"),
+    ("--codebook0_weight=0", "setting 'codebook0_weight' must be > 0, got 0.0"),
     ("--learning_rate=-1", "setting 'learning_rate' must be > 0, got -1.0"),
     ("--learning_rate=nan", "setting 'learning_rate' must be a finite number > 0, got nan"),
     ("--top_p=inf", r"setting 'top_p' must be a finite number in \[0, 1\] \(0 = off\), got inf"),
