@@ -564,6 +564,28 @@ def gpt2_rate(new_tokens, batch_size=1):
     return (out.shape[1] - 1) / (time.perf_counter() - start)
 
 
+def weight_matrices_us(model, batch_size=1, repeats=200):
+    """How many weight matrices decode_step multiplies, and the us they take alone, each once by an
+    input of batch_size rows as decode_step does it (after model.prepare_decode): the part of a
+    step that reads the weights."""
+    import torch
+    from nanosuno.model import _matmul
+    dtype = model.lm_heads.weight.dtype
+    matrices = [w for layer in model.decode_weights for w in layer.values() if isinstance(w, tuple) or w.dim() == 2]
+    # an int8 matrix is (out, in) with its scales; a float one is the parameter transposed, (in, out)
+    inputs = [torch.randn(batch_size, w[0].shape[1] if isinstance(w, tuple) else w.shape[0], dtype=dtype)
+              for w in matrices]
+    with torch.inference_mode():
+        for _ in range(10):
+            for x, w in zip(inputs, matrices):
+                _matmul(x, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x, w in zip(inputs, matrices):
+                _matmul(x, w)
+    return len(matrices), (time.perf_counter() - start) / repeats * 1e6
+
+
 def best_of(repeats, *measures):
     """The fastest of a few runs of each measurement: on a shared machine the slower runs measure the
     neighbours. Runs alternate between the measurements, so that a change of load hits all alike."""
@@ -601,12 +623,16 @@ def bench_sample(repeats=3):
                                           lambda: generate_rate(model, 143, full - 150, context_stride=0.05)[0])
             name = dtype + (" (auto)" if dtype == auto else "")
             print(f"{name:14} {n_threads:7} | {bare_short:11.0f} {gen_short:10.0f} | {bare_full:12.0f} {gen_full:10.0f}")
-            rates[dtype, n_threads] = (gen_short, gen_full)
+            rates[dtype, n_threads] = (gen_short, gen_full, bare_short, bare_full)
     torch.set_num_threads(threads)
     model = models[auto]
-    gen_short, gen_full = rates[auto, threads]
+    gen_short, gen_full, bare_short, bare_full = rates[auto, threads]
     print(f"default (decode_dtype=auto = {auto}, {threads} threads): {gen_short:.0f} steps/s from scratch "
           f"(target: at least 1500), {gen_full:.0f} at 25-27 s of context (target: at least 1000)")
+    n_matrices, matrices_us = weight_matrices_us(model)
+    print(f"  a decode_step takes {1e6 / bare_short:.0f} us at 0-10 s and {1e6 / bare_full:.0f} at 25-27 s; its "
+          f"{n_matrices} weight matrices alone {matrices_us:.0f} (the rest: attention, which grows with the "
+          f"context, norms, casts, dispatch); sampling and bookkeeping add {1e6 / gen_short - 1e6 / bare_short:.0f}")
 
     gen1, gen8 = best_of(repeats, lambda: generate_rate(model, short)[0],
                          lambda: generate_rate(model, short, batch_size=8)[0])
