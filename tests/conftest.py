@@ -20,6 +20,25 @@ import pytest
 from nanosuno.data import new_meta, write_tokens
 
 
+def run_torchrun(args, timeout=300, **kwargs):
+    """`python -m torch.distributed.run --standalone *args` with its output captured. On a timeout
+    torchrun is stopped with SIGTERM, which it passes on to its workers (they run in sessions of
+    their own: killing torchrun, as subprocess.run's timeout does, leaves them running), and
+    TimeoutExpired is raised once they are gone."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:   # torchrun itself is stuck: at least it goes
+                process.kill()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8, codebook_size=1024,
                        codec="untrained", seed=0, codes_of=None, phrase_codes=None, styles=None):
     """Write train.bin/val.bin/meta.json as prepare.py does, from learnable synthetic codes: each

@@ -1,13 +1,15 @@
 """nanosuno/common.py: the one-run-per-folder lock, temporary files, sets of files replaced
-together, one line for a full disk."""
+together, one line for a full disk; and the tests' own torchrun helper."""
 import errno
 import os
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import fail_writes, hold_lock
+from conftest import fail_writes, hold_lock, run_torchrun
 from nanosuno.common import UserError, atomic_write_set, lock_folder, run_cli, temp_path
 
 
@@ -86,3 +88,29 @@ def test_run_cli_makes_a_full_disk_one_line_and_keeps_bugs_as_tracebacks(monkeyp
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
     with pytest.raises(FileNotFoundError):   # a real bug: traceback, exit code 1
         run_cli(bug)
+
+
+def process_alive(pid):
+    """True while process `pid` exists and is not a zombie (an orphan's zombie may never be reaped
+    in a container, yet it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_torchrun_that_times_out_leaves_no_worker_running(tmp_path):
+    """The tests' torchrun helper (conftest.run_torchrun) stops the workers with torchrun when it times out."""
+    (tmp_path / "worker.py").write_text(
+        "import os, time\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_torchrun(["--nproc_per_node=2", str(tmp_path / "worker.py")], timeout=20)
+    assert (tmp_path / "pid0").exists() and (tmp_path / "pid1").exists(), "the workers did not start within 20 s"
+    pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in range(2)]
+    deadline = time.monotonic() + 10
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) for pid in pids)

@@ -25,7 +25,7 @@ from nanosuno.common import UserError
 from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
-from conftest import ROOT, fail_writes, hold_lock
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun
 
 
 def music(seconds, rate, channels=1, index=0):
@@ -236,10 +236,8 @@ def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, c
 def test_torchrun_prepare_gives_the_bytes_of_one_process(tmp_path, capsys):
     corpus = styled_corpus(tmp_path / "wavs")
     run(capsys, corpus, tmp_path / "one")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "prepare.py",
-         f"--input_dir={corpus}", f"--data_dir={tmp_path / 'two'}", "--codec=untrained"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_torchrun(["--nproc_per_node=2", "prepare.py", f"--input_dir={corpus}",
+                           f"--data_dir={tmp_path / 'two'}", "--codec=untrained"], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 to encode, 0 cached, 2 processes" in result.stdout and "prepared 4 file(s)" in result.stdout
     assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")

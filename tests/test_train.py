@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 import train
-from conftest import ROOT, fail_writes, hold_lock, write_token_corpus
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
 from nanosuno.baselines import unigram_kl, unigrams
 from nanosuno.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.common import UserError
@@ -254,10 +254,9 @@ def test_empty_val_split_skips_validation(tmp_path, capsys):
 
 def torchrun(data_dir, out_dir, *extra):
     """train.py under torchrun with two CPU processes (DDP over gloo); returns its output."""
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, "--device=cpu", *extra],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = run_torchrun(["--nproc_per_node=2", os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}",
+                           f"--out_dir={out_dir}", *TINY, "--device=cpu", *extra],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
