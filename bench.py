@@ -239,9 +239,12 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
 
 
 def _sync(device):
+    """Wait for a GPU's queued work (CUDA or MPS: Python runs ahead of them)."""
+    import torch
     if device.startswith("cuda"):
-        import torch
         torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
 
 
 def bench_train(compile_on_cpu=False, batch_size=None):
@@ -530,7 +533,8 @@ def decode_loop_rate(model, context, steps, batch_size=1):
 
 def generate_rate(model, new_frames, prompt_frames=0, batch_size=1, context_stride=0.25):
     """steps/s of generate()'s steps (default sampling settings, prefill left out), and its codes.
-    On CUDA the whole call is timed (Python runs ahead of the GPU): graph capture and prefill too."""
+    On a GPU the whole call is timed (Python runs ahead of the GPU): prefill (and on CUDA graph
+    capture) too."""
     import torch
     from nanosuno.generate import generate
     device = model.lm_heads.weight.device
@@ -538,8 +542,8 @@ def generate_rate(model, new_frames, prompt_frames=0, batch_size=1, context_stri
     clock = StepClock()
     start = time.perf_counter()
     codes = generate(model, new_frames, prompt, num_samples=batch_size, context_stride=context_stride, progress=clock)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":
+        _sync(device.type)
         return clock.steps / (time.perf_counter() - start), codes
     return clock.steps_per_second(), codes
 
@@ -658,12 +662,12 @@ def bench_sample(repeats=3):
 
 
 def bench_sample_gpu(device):
-    """Generation on a GPU: CUDA graphs (generate.CUDAGraphStep), bfloat16, batch 1 and 64, at
-    config/small.py's shape and at 768 x 12."""
+    """Generation on a GPU (CUDA: each step a captured graph, generate.CUDAGraphStep; MPS: eager),
+    bfloat16, batch 1 and 64, at config/small.py's shape and at 768 x 12."""
     import torch
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
     print(f"sample on {name}: random weights, decode_dtype bfloat16; steps/s (75 steps = 1 s of audio) "
-          f"of 750-step generate() calls, graph capture and prefill included")
+          f"of 750-step generate() calls, prefill{' and graph capture' if device.startswith('cuda') else ''} included")
     for shape, dims in (("small", dict(n_layer=6, n_head=8, n_embd=256)), ("768x12", dict(n_layer=12, n_head=12, n_embd=768))):
         model = random_model(**dims).to(device).prepare_decode("bfloat16")
         for batch_size in (1, 64):
@@ -713,7 +717,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     stay within 0.005 nats of float32."""
     import torch
     import train
-    from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
     from nanosuno.data import read_meta
     from nanosuno.hardware import pick_decode_dtype
     from nanosuno.model import DECODE_DTYPES
@@ -727,7 +731,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
                     f"--lr_decay_iters={steps}", f"--warmup_iters={max(1, steps // 20)}", f"--eval_interval={steps}",
                     "--eval_iters=5", "--sample_every=0", "--compile=False"])
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(os.path.dirname(ckpt_path) if ckpt_path.endswith(".pt") else ckpt_path)
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path.endswith(".pt") else load_checkpoint(ckpt_path)  # a file or an out_dir
     K = ckpt["model_args"]["n_codebooks"]
     windows = token_windows(data_dir, meta, K, min(window, ckpt["model_args"]["block_size"]))
     print(f"decode_quality: {ckpt_path} (iteration {ckpt.get('iter_num', '?')}); {len(windows)} val windows of "
@@ -748,7 +752,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-if __name__ == "__main__":
+def main(argv):
     parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
     parser.add_argument("what", choices=["prepare", "train", "sample", "decode_quality", "learn", "steer", "all"])
     parser.add_argument("--corpus", default=WESNOTH, help="prepare: folder of music")
@@ -772,7 +776,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1, help="prepare: also run prepare with this many worker processes")
     parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to compile)")
     parser.add_argument("--batch_size", type=int, default=None, help="train: batch size (default 2 on CPU, 16 on CUDA)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.what in ("prepare", "all"):
         bench_prepare(args.corpus, args.minutes, args.long_minutes, args.codec, args.repeats, args.workers)
     if args.what in ("train", "all"):
@@ -785,3 +789,8 @@ if __name__ == "__main__":
         bench_steer(args.data_dir or "data/learn", args.out_dir, args.seconds, args.num_samples, seed=args.seed)
     if args.what == "decode_quality":  # not part of "all": it needs a trained checkpoint and tokens
         bench_decode_quality(args.ckpt, args.data_dir or "data/tokens", args.steps)
+
+
+if __name__ == "__main__":
+    from nanosuno.common import run_cli
+    run_cli(main)  # a user error (a missing checkpoint or corpus, ...) is one line

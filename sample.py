@@ -76,9 +76,11 @@ def load_prompt(cfg, codec, model):
     return prompt, note
 
 
-def available_memory():
-    """Bytes of memory a new allocation can have: Linux's MemAvailable (free memory plus what the OS
-    can reclaim), else the physical memory."""
+def available_memory(device=None):
+    """Bytes a new allocation can have: on a CUDA device, the GPU's free memory; otherwise Linux's
+    MemAvailable (free memory plus what the OS can reclaim), else the physical memory."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -89,28 +91,46 @@ def available_memory():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(model, codec_info, new_frames, num_samples, prompt, guided=False):
-    """Refuse a request that cannot fit in the memory available, before anything is allocated, with
-    the limit in the message. Estimated (bench-free, from the shapes): the KV cache, one prefill's
-    activations and one step's logits and sampling buffers (all grow with num_samples, and double
-    when guided: two streams per sample), the codes (grow with length x num_samples) and, one piece
-    at a time, its decoded audio, WAV and spectrogram (grow with length)."""
-    cfg, B = model.config, num_samples
-    ram = available_memory()
-    streams = 2 * B if guided else B
-    fixed = streams * (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * model.cache_dtype.itemsize
-                                         + 4 * (cfg.n_head * cfg.block_size + 16 * cfg.n_embd))
-                       + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
-    per_frame = 3 * 8 * B * cfg.n_codebooks + AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / codec_info["frame_rate"]
+def check_memory(model, codec_info, new_frames, pieces, prompt, device, guided=False):
+    """Refuse a request that cannot fit in memory, before anything is allocated, with the limit in
+    the message. Estimated (bench-free, from the shapes), per piece: its KV cache, one prefill's
+    activations (the attention is fused: no steps x steps scores), one step's logits and sampling
+    buffers (twice, when guided: two streams per piece) and its codes (three int64 copies); plus, one
+    piece at a time, the decoded audio, WAV and spectrogram. On a CUDA device the model's part and
+    two copies of the codes are on the GPU and checked against its free memory, the rest against
+    the host's; elsewhere all of it against the host's."""
+    cfg, rate = model.config, codec_info["frame_rate"]
+    stream = (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * model.cache_dtype.itemsize + 4 * 16 * cfg.n_embd)
+              + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
+    model_bytes = (2 if guided else 1) * stream                      # per piece
+    codes_bytes = 8 * cfg.n_codebooks                                 # per piece and frame, one copy
+    audio_bytes = AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / rate   # per frame, one piece at a time
     frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
-    need = fixed + per_frame * frames
-    if need <= ram:
-        return
+    if torch.device(device).type == "cuda":
+        pools = [(f"GPU memory (KV cache, codes), more than the {{}} free on {device}", available_memory(device),
+                  model_bytes, 2 * codes_bytes, 0),
+                 ("memory (codes, decoded audio), more than the {} available", available_memory(),
+                  0, codes_bytes, audio_bytes)]
+    else:
+        pools = [("memory (KV cache, codes, decoded audio), more than the {} available", available_memory(),
+                  model_bytes, 3 * codes_bytes, audio_bytes)]
     gib = lambda n: f"{n / 2 ** 30:,.1f} GiB"
-    limit = (f"at most about {(ram - fixed) / per_frame / codec_info['frame_rate']:,.0f} s per sample with "
-             f"num_samples={B}" if fixed < ram else f"at most about {ram // (fixed // B)} samples at a time")
-    raise UserError(f"{new_frames / codec_info['frame_rate']:,.0f} s x {B} sample(s) need about {gib(need)} of memory "
-                    f"(KV cache, codes, decoded audio), more than the {gib(ram)} available: {limit}")
+    for what, have, fixed, per_frame, once_per_frame in pools:
+        need = pieces * (fixed + per_frame * frames) + once_per_frame * frames
+        if need <= have:
+            continue
+        # what would fit: this many pieces, shorter (the prompt and drain frames stay); or this long, fewer
+        fit_frames = (have - pieces * fixed) / (pieces * per_frame + once_per_frame) - (frames - new_frames)
+        fit_pieces = (have - once_per_frame * frames) // (fixed + per_frame * frames)
+        fit_seconds = math.floor((fit_frames - 1) / rate * 10) / 10   # rounded down: asking for it fits
+        if fit_seconds > 0:
+            limit = f"at most about {fit_seconds:,.1f} s per piece with {pieces} piece(s)"
+        elif fit_pieces >= 1:
+            limit = f"at most about {fit_pieces:,.0f} pieces at a time"
+        else:
+            limit = "not even one piece of a frame fits: use a smaller model or another device"
+        raise UserError(f"{new_frames / rate:,.0f} s x {pieces} piece(s) need about {gib(need)} of "
+                        f"{what.format(gib(have))}: {limit}")
 
 
 def pick_styles(cfg, ckpt):
@@ -174,7 +194,7 @@ def main(argv):
     labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in styles for _ in range(cfg.num_samples)] \
         if styles else ["no style (unconditional)"] * cfg.num_samples
     new_frames = max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
-    check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, guided=cfg_coef is not None)
+    check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)
     codec = load_codec(ckpt["codec"]["name"], cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
     warning = ""

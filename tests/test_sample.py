@@ -1,6 +1,7 @@
 """Generation (nanosuno/generate.py) and sample.py: the sampler, delay pattern, KV cache, sliding window,
 prompts, outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
 import os
+import re
 import signal
 from types import SimpleNamespace
 
@@ -279,9 +280,9 @@ def test_prompt_continuation_through_sample_py(tmp_path, codec):
     (["--prompt=PROMPT"], "bad.wav"),
     (["--prompt=MISSING"], "nope.wav"),
     (["--prompt=FIFO"], r"pipe.wav: not a regular file \(a named pipe\)"),
-    (["--seconds=1e9"], r"^1,000,000,000 s x 1 sample\(s\) need about [\d,.]+ GiB of memory \(KV cache, codes, decoded "
-                        r"audio\), more than the [\d,.]+ GiB available: at most about [\d,]+ s per sample with num_samples=1$"),
-    (["--num_samples=10000000"], r"10 s x 10000000 sample\(s\) need about .*: at most about [\d,]+ samples at a time$"),
+    (["--seconds=1e9"], r"^1,000,000,000 s x 1 piece\(s\) need about [\d,.]+ GiB of memory \(KV cache, codes, decoded "
+                        r"audio\), more than the [\d,.]+ GiB available: at most about [\d,.]+ s per piece with 1 piece\(s\)$"),
+    (["--num_samples=10000000"], r"10 s x 10000000 piece\(s\) need about .*: at most about [\d,]+ pieces at a time$"),
 ])
 def test_errors(tmp_path, codec, args, message):
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
@@ -353,3 +354,37 @@ def test_error_missing_codec_weights(tmp_path, codec, monkeypatch):
     with pytest.raises(UserError, match="encodec_24khz-d7cc33bc.th") as e:
         run_sample(out_dir, f"--codec_dir={empty}")
     assert "\n" not in str(e.value)
+
+
+def refusal(call):
+    """The UserError message of call(), which must refuse."""
+    with pytest.raises(UserError) as e:
+        call()
+    return str(e.value)
+
+
+def test_the_memory_check_suggests_what_fits(monkeypatch):
+    monkeypatch.setattr(sample, "available_memory", lambda device=None: 2 ** 30)
+    model, info = tiny_model(K=8), {"frame_rate": 75, "sample_rate": 24000}
+    check = lambda frames, pieces, guided=False: sample.check_memory(model, info, frames, pieces, "p.wav", "cpu", guided)
+    for guided in (False, True):
+        message = refusal(lambda: check(10 ** 8, 3, guided))
+        seconds = float(re.search(r"at most about ([\d,.]+) s per piece with 3 piece\(s\)$", message)[1].replace(",", ""))
+        check(round(seconds * 75), 3, guided)                    # the suggestion fits...
+        refusal(lambda: check(round(seconds * 1.01 * 75), 3, guided))   # ...and is close to the limit
+        message = refusal(lambda: check(750, 10 ** 6, guided))
+        pieces = int(re.search(r"at most about ([\d,]+) pieces at a time$", message)[1].replace(",", ""))
+        check(750, pieces, guided)
+        refusal(lambda: check(750, round(pieces * 1.01) + 1, guided))
+
+
+def test_on_cuda_the_memory_check_weighs_the_gpu_and_the_host_apart(monkeypatch):
+    """Nothing is allocated: the check only needs the device's name."""
+    model, info = tiny_model(K=8), {"frame_rate": 75, "sample_rate": 24000}
+    check = lambda: sample.check_memory(model, info, 750 * 60, 4, None, torch.device("cuda:0"))
+    monkeypatch.setattr(sample, "available_memory", lambda device=None: 2 ** 24 if device is not None else 2 ** 40)
+    assert re.search(r"of GPU memory \(KV cache, codes\), more than the 0.0 GiB free on cuda:0: at most about ", refusal(check))
+    monkeypatch.setattr(sample, "available_memory", lambda device=None: 2 ** 40 if device is not None else 2 ** 24)
+    assert re.search(r"of memory \(codes, decoded audio\), more than the 0.0 GiB available: at most about ", refusal(check))
+    monkeypatch.setattr(sample, "available_memory", lambda device=None: 2 ** 40)
+    check()
