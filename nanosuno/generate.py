@@ -131,8 +131,7 @@ class CUDAGraphStep:
     def __call__(self, codes, cache):
         """model.decode_step(codes, cache, styles). The logits returned are the graph's output buffer: the
         next step overwrites them."""
-        if cache.length >= self.model.config.block_size:
-            raise ValueError(f"sequence of {cache.length + 1} steps exceeds block_size {self.model.config.block_size}")
+        self.model.check_fits(cache.length, 1)
         self.codes.copy_(codes)
         self.position.fill_(cache.length)
         self.graph.replay()

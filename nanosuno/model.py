@@ -234,8 +234,7 @@ class GPT(nn.Module):
         (see add_style)."""
         B, K, T = codes.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} steps exceeds block_size {self.config.block_size}")
+        self.check_fits(start, T)
         pos = torch.arange(start, start + T, device=codes.device)
         x = self.add_style(self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos), styles)   # (B, T, C)
         x = self.drop(x)
@@ -291,11 +290,15 @@ class GPT(nn.Module):
         self.decode_weights.append({"lm_heads.weight": _decode_matrix(self.lm_heads.weight, int8)})
         return self
 
+    def check_fits(self, start, steps):
+        """Refuse `steps` steps from position `start` on when they go beyond the context."""
+        if start + steps > self.config.block_size:
+            raise ValueError(f"sequence of {start + steps} steps exceeds block_size {self.config.block_size}")
+
     def decode_step(self, codes, cache, styles=None):
         """One step (B, K) -> logits (B, K, V) for the step after it, at the cache's length
         (styles: see add_style)."""
-        if cache.length >= self.config.block_size:
-            raise ValueError(f"sequence of {cache.length + 1} steps exceeds block_size {self.config.block_size}")
+        self.check_fits(cache.length, 1)
         logits = self.step_logits(codes, cache.kv, cache.length, styles)
         cache.advance(1)
         return logits

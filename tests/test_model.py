@@ -131,8 +131,13 @@ def test_style_embedding():
 
 def test_context_longer_than_block_size_is_refused():
     model = tiny(block_size=16)
-    with pytest.raises(ValueError, match="exceeds block_size"):
+    with pytest.raises(ValueError, match="sequence of 17 steps exceeds block_size 16"):
         model(torch.zeros(1, 8, 17, dtype=torch.long))
+    cache = model.new_cache(1)
+    model.prefill(torch.zeros(1, 8, 16, dtype=torch.long), cache)   # a full context: no room for a step
+    with pytest.raises(ValueError, match="sequence of 17 steps exceeds block_size 16"):
+        model.decode_step(torch.zeros(1, 8, dtype=torch.long), cache)
+    assert cache.length == 16
 
 
 def test_tiny_model_overfits_a_fixed_sequence():
