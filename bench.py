@@ -600,7 +600,6 @@ def best_of(repeats, *measures):
 def bench_sample(repeats=3):
     """Generation speed at config/small.py's shape, random weights (speed does not depend on them).
     A step is 1/75 s of audio for every sample of the batch. Best of `repeats` runs."""
-    import copy
     import torch
     from nanosuno.codec import load_codec
     from nanosuno.hardware import pick_decode_dtype, pick_device
@@ -610,7 +609,7 @@ def bench_sample(repeats=3):
         return bench_sample_gpu(device)
     short, full, threads = 750, 2048, torch.get_num_threads()
     auto = pick_decode_dtype("auto", device)
-    models = {dtype: copy.deepcopy(random_model()).prepare_decode(dtype) for dtype in DECODE_DTYPES}
+    models = {dtype: random_model().prepare_decode(dtype) for dtype in DECODE_DTYPES}  # each its own, the same weights
     print(f"sample: config/small.py shape, random weights; {_cpu_name()}, {threads} threads; load average "
           f"{os.getloadavg()[0]:.1f}; steps/s (75 steps = 1 s of audio), best of {repeats}")
     print("bare = a loop of model.decode_step calls; generate() = the same plus sampling (top_k 250) and bookkeeping")

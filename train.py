@@ -360,10 +360,10 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
             group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
 
         last = iter_num >= cfg.max_iters
-        if iter_num % cfg.eval_interval == 0 or last:
-            # for a checkpoint (every process takes part in gathering them)
+        evaluating = iter_num % cfg.eval_interval == 0 or last
+        if evaluating:  # for a checkpoint (every process takes part in gathering them)
             rng = random_states(proc, data) if iter_num > start_iter else None
-        if master and (iter_num % cfg.eval_interval == 0 or last):
+        if master and evaluating:
             losses = evaluate(raw_model, eval_splits, cfg, proc.device, ctx)
             val = losses.get("val", losses["train"])[0]
             record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
