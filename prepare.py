@@ -213,9 +213,10 @@ def cache_path(cache_dir, path, codec):
     """Where a file's codes are cached: named by a hash of the file's size and bytes and what the
     codes depend on (the codec), not by its name, so a moved, renamed, copied or re-mounted corpus
     finds its codes. (Copies that are new together are each encoded: one failing for a reason of its
-    own, such as its permissions, then does not take the others with it.) The whole file is hashed: blake2b reads ~760 MB/s per core (an hour of CD-quality
-    FLAC in ~0.5 s), far less than encoding that hour takes; hashing only parts of a file would miss
-    an edit elsewhere that keeps its size (a click removed from a WAV)."""
+    own, such as its permissions, then does not take the others with it.) The whole file is hashed:
+    blake2b reads ~760 MB/s per core (an hour of CD-quality FLAC in ~0.5 s), far less than encoding
+    that hour takes; hashing only parts of a file would miss an edit elsewhere that keeps its size
+    (a click removed from a WAV)."""
     digest = hashlib.blake2b(f"{codec.cache_key}\0{os.path.getsize(path)}\0".encode(), digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -314,7 +315,7 @@ def encode_in_workers(shares, codec, cache, device, progress):
     cores (or its own GPU), all reporting to this process's progress through a queue."""
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
     events = context.Queue()
-    weights = {k: v.cpu() for k, v in codec.model.state_dict().items()}
+    weights = codec.weights()
     threads = threads_per_process(len(shares))
     workers = [context.Process(target=encode_worker, daemon=True,
                                args=(share, codec.name, weights, cache, process_device(device, i), threads, events))
@@ -360,7 +361,7 @@ def encode_worker(paths, codec_name, weights, cache, device, threads, events):
 def encode_across_ranks(shares, codec, cache, progress):
     """Under torchrun, on rank 0: send every rank the plan and the codec's weights, encode share 0
     here, then collect the other ranks' reports (see encode_share)."""
-    weights = {k: v.cpu() for k, v in codec.model.state_dict().items()}
+    weights = codec.weights()
     dist.broadcast_object_list([(codec.name, weights, shares, cache)], src=0)
     encode_files(shares[0], codec, cache, progress)
     reports = [None] * dist.get_world_size()

@@ -69,6 +69,11 @@ class Codec:
                 "bandwidth": self.bandwidth, "n_codebooks": n_codebooks or self.n_codebooks,
                 "codebook_size": self.codebook_size}
 
+    def weights(self):
+        """The model's weights on the CPU, what codec_from_weights rebuilds this codec from (in
+        another process: prepare's workers and torchrun ranks)."""
+        return {k: v.cpu() for k, v in self.model.state_dict().items()}
+
     def encode(self, waveform):
         """1-D float waveform at 24 kHz -> codes, int64 (n_codebooks, ceil(samples / 320))."""
         return self.encode_blocks([waveform])
@@ -183,7 +188,7 @@ def load_codec(name, codec_dir=None, device="cpu"):
 
 
 def codec_from_weights(name, state, device="cpu"):
-    """The codec `name` with the weights `state` (a loaded codec's model.state_dict()): how prepare's
+    """The codec `name` with the weights `state` (a loaded codec's Codec.weights()): how prepare's
     other processes get the codec the first one loaded, without reading, downloading or fitting it again."""
     model = _encodec_architecture()
     model.load_state_dict(state)

@@ -64,7 +64,7 @@ def test_codes_do_not_depend_on_the_thread_count(codec):
 
 
 def test_codec_from_weights_is_the_same_codec(codec):
-    copy = codec_module.codec_from_weights(codec.name, codec.model.state_dict())
+    copy = codec_module.codec_from_weights(codec.name, codec.weights())
     assert (copy.name, copy.cache_key, copy.info()) == (codec.name, codec.cache_key, codec.info())
     audio = music(3.0)
     assert torch.equal(copy.encode(audio), codec.encode(audio))
