@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_token_corpus
 from nanosuno.common import UserError
 from nanosuno.config import Config, load_config
 
@@ -145,3 +145,14 @@ def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(tmp_path, script
                             cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == expected
     assert os.listdir(tmp_path) == []   # nothing created before the settings are checked
+
+
+def test_a_bench_user_error_is_one_line_and_exit_2(tmp_path):
+    """bench.py runs through run_cli like the other commands: a checkpoint that is not there is one line."""
+    write_token_corpus(tmp_path / "tokens", file_frames=[100], val_file_frames=[100])
+    missing = tmp_path / "best.pt"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "decode_quality", f"--ckpt={missing}",
+                             f"--data_dir={tmp_path / 'tokens'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: cannot load checkpoint {missing} (FileNotFoundError: [Errno 2] No such "
+                                     f"file or directory: '{missing}'); train again or use another checkpoint")
