@@ -25,9 +25,10 @@ Several processes (--workers=N, or torchrun) share out the files to encode, each
 then one process (the first) writes train.bin, val.bin and meta.json from the cache, so the
 result is byte for byte that of one process (the codec's codes do not depend on the thread count).
 """
-from nanosuno.common import passive_openmp
+from nanosuno.common import passive_openmp, require_dependencies
 
 passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
 import hashlib
 import math

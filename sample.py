@@ -17,6 +17,10 @@ import math
 import os
 import time
 
+from nanosuno.common import require_dependencies
+
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
+
 import torch
 from tqdm import tqdm
 

@@ -21,6 +21,10 @@ import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+from nanosuno.common import require_dependencies
+
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
+
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -5,10 +5,32 @@ one line on a full disk), the one-run-per-folder lock, and OpenMP's waiting poli
 import contextlib
 import errno
 import fcntl
+import importlib.metadata
 import os
 import re
 import secrets
 import sys
+
+
+def require_dependencies():
+    """Import torch, torchaudio and encodec (which imports torchaudio) once, before a command does:
+    when they cannot be loaded together (a torchaudio built for another torch, installed by hand or
+    left in an old venv), end with one line naming the versions found and the fix, exit code 2,
+    instead of a long traceback from deep inside an import."""
+    try:
+        import torch, torchaudio, encodec  # noqa: F401
+    except Exception as e:  # an OSError (undefined symbol), an ImportError, a RuntimeError...
+        found = []
+        for package in ("torch", "torchaudio", "encodec"):
+            try:
+                found.append(f"{package} {importlib.metadata.version(package)}")
+            except importlib.metadata.PackageNotFoundError:
+                found.append(f"{package} not installed")
+        reason = " ".join(str(e).split())[:200]
+        print(f"error: torch, torchaudio and encodec do not load together ({', '.join(found)}; "
+              f"{type(e).__name__}: {reason}): run `make install` (a fresh .venv with the pinned versions "
+              f"of requirements.lock), or `rm -rf .venv && make install` for an old one", file=sys.stderr)
+        sys.exit(2)
 
 
 class UserError(Exception):
