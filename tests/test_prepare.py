@@ -571,3 +571,55 @@ def test_save_wav(tmp_path):
     data, rate = sf.read(tmp_path / "float.wav", dtype="float32")
     assert rate == 48000 and np.array_equal(data, stereo.numpy().T)
     assert sorted(os.listdir(tmp_path)) == ["float.wav", "loud.wav"]  # no temporary files left
+
+
+# --- what the cache trusts ----------------------------------------------------------------------
+
+def test_a_file_changed_while_it_is_prepared_never_poisons_the_cache(tmp_path, capsys, monkeypatch):
+    """b.flac is replaced by other music once it has been hashed, and put back as it was once read:
+    its codes are not cached under its bytes' key (they would be another file's codes for good)."""
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "clean")
+    target = os.path.join(corpus, "b.flac")
+    original, other = open(target, "rb").read(), tmp_path / "other.flac"
+    sf.write(other, music(1.5, 48000, 1, 3), 48000)
+    real_blocks = prepare.iter_audio_blocks
+
+    def blocks_of_a_changing_file(path, sample_rate):
+        if path == target:
+            shutil.copyfile(other, target)              # overwritten in place after it was hashed...
+            yield from real_blocks(path, sample_rate)
+            with open(target, "wb") as f:               # ...and restored once it was read
+                f.write(original)
+        else:
+            yield from real_blocks(path, sample_rate)
+    monkeypatch.setattr(prepare, "iter_audio_blocks", blocks_of_a_changing_file)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "b.flac: changed while it was being prepared: left out of this run" in out
+    assert "prepared 2 file(s)" in out
+    monkeypatch.setattr(prepare, "iter_audio_blocks", real_blocks)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "2 to encode, 2 cached" in out   # b.flac, and broken.wav is tried again
+    assert read_bytes(tmp_path / "tokens") == read_bytes(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda codes, path: np.save(path, np.where(codes == codes[0, 0], 2000, codes).astype(np.uint16)),
+     r"code 2000 outside the codebook \(0..1023\)"),
+    (lambda codes, path: open(path, "wb").close(), "not a token array"),
+    (lambda codes, path: open(path, "r+b").truncate(100), "not a token array"),
+    (lambda codes, path: np.save(path, codes[:4]), r"uint16 \(4, \d+\), not uint16 \(8, frames\)"),
+    (lambda codes, path: np.save(path, codes.astype(np.int64)), r"int64 \(8, \d+\), not uint16"),
+    (lambda codes, path: np.save(path, np.array([{"a": 1}]), allow_pickle=True), "not a token array"),
+])
+def test_a_damaged_cache_entry_is_encoded_again_with_one_line(tmp_path, capsys, damage, reason):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "tokens")
+    clean = read_bytes(tmp_path / "tokens")
+    cache = tmp_path / "tokens" / "cache"
+    victim = sorted(cache.iterdir())[0]
+    damage(np.load(victim), victim)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert re.search(fr"cache entry {re.escape(str(victim))} is damaged \({reason}.*\): encoding its audio again", out), out
+    assert "2 to encode, 2 cached" in out   # the damaged one, and broken.wav is tried again
+    assert read_bytes(tmp_path / "tokens") == clean
