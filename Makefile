@@ -50,6 +50,6 @@ lock:
 	  echo "# run \`make test\` and \`make demo\`, commit when they pass. Made with $$(.lock-venv/bin/python --version)."; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude nanosuno; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
-	rm -rf .lock-venv
+	rm -rf .lock-venv build   # (build/: what installing the package itself left)
 	rm -f $(STAMP)
 	@echo "wrote $(LOCK): now run make test and make demo, then commit it"

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write
 from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
@@ -90,6 +91,12 @@ def check_structure(ckpt, resume=False):
                       ("n_codebooks", int), ("codebook_size", int)):
         if not has(ckpt["codec"], key, kind):
             return f"codec has no {key}"
+    problem = check_codec_info(ckpt["codec"])
+    if problem:
+        return problem
+    if (ckpt["codec"]["codebook_size"], ckpt["codec"]["n_codebooks"]) != (args["codebook_size"], args.get("n_codebooks")):
+        return (f"its model has {args.get('n_codebooks')!r} codebooks of {args['codebook_size']} codes, its codec "
+                f"{ckpt['codec']['n_codebooks']} of {ckpt['codec']['codebook_size']}")
     if resume:
         # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
         states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]

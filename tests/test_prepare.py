@@ -22,10 +22,10 @@ from nanosuno import audio, demo
 from nanosuno.audio import AudioError, find_audio_files, iter_audio_blocks, load_audio, save_wav
 from nanosuno.codec import Codec
 from nanosuno.common import UserError
-from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
+from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta, scan
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
-from conftest import ROOT, fail_writes, hold_lock, run_torchrun
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
 
 
 def music(seconds, rate, channels=1, index=0):
@@ -469,7 +469,11 @@ def edit_bytes(path, change):
     (lambda m: m["splits"]["train"]["files"][0].update(style=5), "file train_0.wav: style 5 is not a name or null"),
     (lambda m: m["splits"]["val"]["files"][0].pop("style"), "file val_0.wav: style '(none)' is not a name"),
     (lambda m: m.update(styles=[{"name": "jazz", "frames": 400}]), "are not its files' styles with their frames"),
-    (lambda m: m.update(format_version=2), "has format version 2, this nanosuno reads version 3"),
+    (lambda m: m.update(format_version=3), "has format version 3, this nanosuno reads version 4"),
+    (lambda m: m.update(frame_rate=0), "frame_rate is 0, not an integer >= 1"),
+    (lambda m: m.update(frame_rate=50), "codec untrained: frame_rate 50 (the codec's is 75)"),
+    (lambda m: m.update(codebook_size=2000), "codec untrained: codebook_size 2000 (the codec's is 1024)"),
+    (lambda m: m.update(codec="mystery"), "codec 'mystery' is not one of this nanosuno's (encodec_24khz, untrained"),
 ])
 def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
     edit_json(os.path.join(token_corpus, "meta.json"), damage)
@@ -486,6 +490,25 @@ def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
 def test_token_files_are_checked_against_meta_json(token_corpus, damage, expected):
     edit_bytes(os.path.join(token_corpus, "train.bin"), damage)
     with pytest.raises(UserError, match=expected + ".*run prepare.py again"):
+        open_split(token_corpus, read_meta(token_corpus), "train")
+
+
+@pytest.mark.parametrize("fill", [b"\xff", b"\x00"])
+def test_every_byte_of_a_token_file_is_checked(tmp_path, fill):
+    """8 KiB overwritten far from the file's start and end, between any few blocks a sample of the
+    file would read: codes past the codebook would crash training, zeros would be trained on."""
+    write_token_corpus(tmp_path, file_frames=[40000], val_file_frames=[100])
+    edit_bytes(tmp_path / "train.bin", lambda b: b[:405632] + fill * 8192 + b[413824:])
+    with pytest.raises(UserError, match=r"\(640000 bytes, other contents\).*run prepare.py again"):
+        open_split(tmp_path, read_meta(tmp_path), "train")
+
+
+def test_codes_outside_the_codebook_are_refused_even_when_meta_json_agrees(token_corpus):
+    path = os.path.join(token_corpus, "train.bin")
+    edit_bytes(path, lambda b: b[:100] + b"\xff\x07" + b[102:])   # code 2047
+    with open(path, "rb") as f:
+        edit_json(os.path.join(token_corpus, "meta.json"), lambda m: m["splits"]["train"].update(fingerprint=scan(f)[0]))
+    with pytest.raises(UserError, match=r"train.bin holds code 2047, outside the codebook of 1024 codes: run prepare.py again"):
         open_split(token_corpus, read_meta(token_corpus), "train")
 
 
