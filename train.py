@@ -190,7 +190,7 @@ def load_data(cfg, proc):
 def load_start(cfg, proc):
     """The checkpoint this run starts from (None from scratch: init_from is 'scratch', 'resume' or the
     path of a checkpoint to fine-tune), and cfg with that checkpoint's model shape. A shape setting
-    left at its default takes the checkpoint's value; one set to another value is refused."""
+    left unset takes the checkpoint's value; one set to another value (even the default) is refused."""
     if cfg.init_from == "scratch":
         return cfg, None
     if cfg.init_from == "resume":
@@ -203,7 +203,9 @@ def load_start(cfg, proc):
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
     shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k not in TRAINING_ONLY}
-    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items() if getattr(cfg, k) not in (v, getattr(Config, k))]
+    given = getattr(cfg, "given", frozenset())   # (load_config's: the settings set in a file or on the command line)
+    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items()
+               if getattr(cfg, k) != v and (k in given or getattr(cfg, k) != getattr(Config, k))]
     if changed:
         raise UserError(f"cannot start from {path} with another model shape ({', '.join(changed)}): leave "
                         f"these settings out to use the checkpoint's shape, or start from another checkpoint")

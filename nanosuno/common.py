@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import re
 import secrets
+import shutil
 import sys
 
 
@@ -129,6 +130,22 @@ def atomic_write_set(outputs):
 
 
 @contextlib.contextmanager
+def atomic_folder(path):
+    """A new folder that appears at `path` complete or not at all: the `with` block fills the
+    temporary folder it is given, which is renamed to path once the block ends without an error, and
+    removed otherwise (a killed run's is removed by the next remove_stale_temporaries)."""
+    tmp = temp_path(path)
+    with writing(tmp):
+        os.mkdir(tmp)
+    try:
+        yield tmp
+        with writing(path):
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def lock_folder(folder, setting):
     """Hold folder's lock (folder/.lock, created with the folder if needed) for the duration of the
     `with`, so that two runs never write the same files; `setting` names the folder's setting for
@@ -159,13 +176,16 @@ def lock_folder(folder, setting):
 
 
 def remove_stale_temporaries(folder):
-    """Remove the temporary files (name.tmp-PID-...) that killed runs left in folder (not in its
-    subfolders). Call it holding the folder's lock: every writer there holds that lock, so each
-    temporary file found is older than the lock, left by a run that has ended."""
+    """Remove the temporary files and folders (name.tmp-PID-...) that killed runs left in folder (not
+    in its other subfolders). Call it holding the folder's lock: every writer there holds that lock,
+    so each temporary found is older than the lock, left by a run that has ended."""
     for entry in os.scandir(folder):
-        if TEMPORARY.search(entry.name) and entry.is_file(follow_symlinks=False):
+        if TEMPORARY.search(entry.name):
             with contextlib.suppress(OSError):
-                os.remove(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
 
 
 def passive_openmp():

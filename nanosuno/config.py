@@ -271,7 +271,8 @@ def load_config(argv=(), **overrides):
         settings[key] = check_value(key, value)
     cfg = Config(**settings)
     check_together(dataclasses.asdict(cfg))
-    return cfg
+    cfg.given = frozenset(settings)   # the settings set on purpose (not a setting itself): a default
+    return cfg                        # value given explicitly still means "this value"
 
 
 def settings_help():

@@ -45,8 +45,10 @@ def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
     assert len(evals[-1]["val_codebook_losses"]) == 8
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in steps)
     assert (out / "loss.png").stat().st_size > 10_000
-    ckpt = load(out)
+    ckpt = load(out, last=True)
     assert ckpt["iter_num"] == 40 and ckpt["codec"]["name"] == "untrained"
+    best = min((r for r in evals if r["iter"] > 0), key=lambda r: r["val_loss"])
+    assert (load(out)["iter_num"], load(out)["val_loss"]) == (best["iter"], best["val_loss"])
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["codec"]["n_codebooks"] == 8
     assert not [f for f in os.listdir(out) if ".tmp" in f]    # atomic writes leave no temporaries
 
@@ -107,7 +109,7 @@ def test_a_style_steers_generation(tmp_path):
     the lower half of the codebook) and "high" (the mirror image), a tiny model trained briefly. Codes
     generated in each style are closer to that style's per-codebook code statistics than to the
     other's (unigram KL), and cfg_coef 3 separates the two further than 1 (plain conditional)."""
-    V, K = 32, 2
+    V, K = 32, 2   # codes drawn from the first V of the codec's 1024
     rng = np.random.default_rng(0)
     styles = ["high"] * 3 + ["low"] * 3 + ["high", "low"]    # 3 train files each, then a val file each
     train_codes = {"high": [], "low": []}
@@ -120,8 +122,7 @@ def test_a_style_steers_generation(tmp_path):
         if split == "train":
             train_codes[style].append(codes.T)
         return codes
-    write_token_corpus(tmp_path / "tokens", [300] * 6, [100] * 2, n_codebooks=K, codebook_size=V, codes_of=piece,
-                       styles=styles)
+    write_token_corpus(tmp_path / "tokens", [300] * 6, [100] * 2, n_codebooks=K, codes_of=piece, styles=styles)
     run(tmp_path / "tokens", tmp_path / "out", "--n_codebooks=2", "--n_layer=1", "--block_size=16", "--batch_size=16",
         "--learning_rate=1e-2", "--min_lr=1e-3", "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=60")
     ckpt = load_checkpoint(tmp_path / "out")
@@ -320,6 +321,12 @@ def test_finetuning_refuses_a_missing_file_another_codec_or_shape(token_corpus, 
         run(token_corpus, tmp_path / "new", f"--init_from={tmp_path / 'missing.pt'}")
     with pytest.raises(UserError, match="another model shape .*n_layer 2 -> 3, n_embd 32 -> 48"):
         run(token_corpus, tmp_path / "new", f"--init_from={pretrained}", "--n_layer=3", "--n_embd=48")
+    # a shape setting given on purpose is refused even at its default value (n_codebooks=8 here)
+    run(token_corpus, tmp_path / "four", "--max_iters=1", "--eval_interval=1000", "--n_codebooks=4")
+    with pytest.raises(UserError, match="another model shape .*n_codebooks 4 -> 8"):
+        run(token_corpus, tmp_path / "new", f"--init_from={checkpoint_path(tmp_path / 'four')}", "--n_codebooks=8")
+    run(token_corpus, tmp_path / "tuned", f"--init_from={checkpoint_path(tmp_path / 'four')}", "--max_iters=1")
+    assert load(tmp_path / "tuned", last=True)["model_args"]["n_codebooks"] == 4   # left unset: the checkpoint's
     other = tmp_path / "other"
     write_token_corpus(other, file_frames=[400], codec="encodec_24khz")
     with pytest.raises(UserError, match="codec mismatch: the checkpoint .*ckpt.pt uses untrained"):
@@ -382,7 +389,7 @@ def test_a_scratch_run_never_replaces_a_checkpoint_unasked(token_corpus, tmp_pat
         run(tmp_path / "nothing", out, "--max_iters=6", "--overwrite=True")
     assert snapshot(out) == before
     run(token_corpus, out, "--max_iters=2", "--eval_interval=1", "--overwrite=True")   # on purpose
-    assert load(out)["iter_num"] == 2
+    assert load(out, last=True)["iter_num"] == 2
     assert [json.loads(line)["iter"] for line in open(out / "log.jsonl") if "train_loss" in line] == [0, 1, 2]
 
 
