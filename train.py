@@ -198,7 +198,7 @@ def load_start(cfg, proc):
         ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
     else:
         path = cfg.init_from
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)

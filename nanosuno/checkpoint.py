@@ -72,10 +72,17 @@ def load_checkpoint(out_dir, device="cpu", resume=False):
 
 def read_checkpoint(path, device="cpu", resume=False):
     """The checkpoint file at path, its structure checked (resume: with the optimizer and random states)."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint file {path}: give a checkpoint that train.py wrote, or train first")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder, not a file: give the ckpt.pt inside it, or remove it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file: say which and what to do
-        raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {e}); train again or use another checkpoint")
+        with open(path, "rb") as f:   # torch.save writes a zip archive: one starts with "PK\3\4"
+            kind = "truncated or damaged" if f.read(4) == b"PK\3\4" else "not a file torch.save wrote"
+        raise UserError(f"cannot load checkpoint {path}: it is {kind} ({type(e).__name__}: {e}); give a "
+                        f"checkpoint that train.py wrote, or train again")
     problem = check_structure(ckpt, resume)
     if problem:
         raise UserError(f"{path} is not a nanosuno checkpoint ({problem}); train again or use another checkpoint")

@@ -527,3 +527,19 @@ def test_a_checkpoint_whose_vocabulary_is_not_its_codecs_is_one_line(trained, tm
     torch.save(ckpt, checkpoint_path(out))
     with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(" + message):
         load_checkpoint(str(out))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello, not a checkpoint\n", r"it is not a file torch.save wrote"),
+    (None, r"it is truncated or damaged"),
+])
+def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(trained, tmp_path, content, message):
+    data, out = copy_run(trained, tmp_path)
+    path = tmp_path / "given.pt"
+    path.write_bytes(content if content is not None else open(out / "ckpt.pt", "rb").read()[:5000])
+    with pytest.raises(UserError, match=fr"^cannot load checkpoint {path}: {message} \(.*\); give a checkpoint that "
+                                        r"train.py wrote, or train again$"):
+        run(data, tmp_path / "new", f"--init_from={path}", "--max_iters=1")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        run(data, tmp_path / "new", f"--init_from={tmp_path / 'folder.pt'}", "--max_iters=1")
