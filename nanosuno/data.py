@@ -120,6 +120,8 @@ def check_meta(meta):
         return f"codec {meta.get('codec')!r} or dtype {meta.get('dtype')!r} is not a name of this nanosuno"
     if not isinstance(meta.get("bandwidth"), (int, float)) or not isinstance(meta.get("splits"), dict):
         return "bandwidth or splits missing"
+    if set(meta["splits"]) - set(SPLITS):
+        return f"splits {sorted(meta['splits'])} are not {', '.join(SPLITS)}"
     frame_bytes = meta["n_codebooks"] * np.dtype(TOKEN_DTYPE).itemsize
     for split in SPLITS:
         info = meta["splits"].get(split)

@@ -465,6 +465,7 @@ def edit_bytes(path, change):
     (lambda m: m["splits"]["val"]["files"][0].update(frames=True), "split val, file 0: no path or no frames"),
     (lambda m: m["splits"]["val"].pop("fingerprint"), "its fingerprint is missing"),
     (lambda m: m["splits"].pop("val"), "split val lacks its frames or files"),
+    (lambda m: m["splits"].update(test=m["splits"]["val"]), "splits ['test', 'train', 'val'] are not train, val"),
     (lambda m: m["baselines"].update(unigram=[1.0]), "baselines are not unigram, prev_frame, lower_codebook"),
     (lambda m: m["splits"]["train"]["files"][0].update(style=5), "file train_0.wav: style 5 is not a name or null"),
     (lambda m: m["splits"]["val"]["files"][0].pop("style"), "file val_0.wav: style '(none)' is not a name"),
