@@ -297,43 +297,6 @@ def bench_train(compile_on_cpu=False, batch_size=None):
 
 # --- learn -----------------------------------------------------------------------------------------
 
-def delayed_windows(data_dir, meta, n_codebooks, length, split="val"):
-    """Every file of a split cut into consecutive windows of `length` frames (a file's last one
-    shorter), each laid out as in training (delayed, warm-up included): yields (file entry, (K, n))."""
-    import numpy as np
-    import torch
-    from nanosuno.data import open_split
-    from nanosuno.pattern import delay_interleave
-    tokens, special = open_split(data_dir, meta, split), meta["codebook_size"]
-    for f in meta["splits"][split]["files"]:
-        for start in range(0, f["frames"] - 1, length):
-            n = min(length, f["frames"] - start)
-            crop = np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :n_codebooks], dtype=np.int64)
-            yield f, delay_interleave(torch.from_numpy(crop).T, special)[:, :n]
-
-
-def val_losses(model, data_dir, meta, n_codebooks, styles=None):
-    """Val cross-entropy per codebook over the WHOLE val split: every file cut into consecutive
-    windows of block_size + 1 frames (the last one shorter), each laid out as in training. Unlike
-    train.py's eval (random windows), this is deterministic, so two runs compare exactly.
-    styles: the model's style names, to give each window its file's style (None: "no style")."""
-    import torch
-    from nanosuno.model import codebook_losses
-    special, K = meta["codebook_size"], n_codebooks
-    total, count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
-    model.eval()
-    for f, window in delayed_windows(data_dir, meta, K, model.config.block_size + 1):
-        window = window[None]                                             # (1, K, n)
-        style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
-        logits, _ = model(window[:, :, :-1], styles=style)
-        targets = window[:, :, 1:]
-        real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
-        losses = codebook_losses(logits, targets, special).double()
-        total += torch.nan_to_num(losses) * real
-        count += real
-    return (total / count).tolist()
-
-
 def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_dir="data/learn", seed=1337):
     """How much the recipe learns in a fixed budget: config/small.py's model on a real corpus split by
     file, trained for `minutes` of this machine (or exactly `steps` iterations), then val cross-entropy
@@ -348,6 +311,7 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
     from nanosuno.config import load_config
     from nanosuno.data import read_meta
+    from nanosuno.evaluate import split_losses
     if not os.path.isdir(corpus):
         sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
                  f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")
@@ -372,7 +336,7 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
         seconds = time.time() - start
         model = model_from_checkpoint(load_checkpoint(out_dir))
         with torch.no_grad():
-            results[K] = dict(val=val_losses(model, data_dir, meta, K), iters=iters, seconds=seconds,
+            results[K] = dict(val=split_losses(model, data_dir, meta, K), iters=iters, seconds=seconds,
                               steps_per_s=iters * 4 * 2048 / seconds)
         shutil.rmtree(out_dir, ignore_errors=True)
     val8, val1 = results[8]["val"], results[1]["val"]
@@ -437,6 +401,7 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
     from nanosuno.baselines import unigram_kl, unigrams
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
     from nanosuno.data import open_split, read_meta
+    from nanosuno.evaluate import split_losses
     from nanosuno.generate import generate
     meta, ckpt = read_meta(data_dir), load_checkpoint(out_dir)
     names = ckpt.get("styles") or []
@@ -453,7 +418,7 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
           f"{K} codebooks), styles {', '.join(names)}; {num_samples} x {seconds:g} s per style and row; "
           f"{_cpu_name()}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     with torch.no_grad():
-        labelled, unlabelled = (sum(val_losses(model, data_dir, meta, K, styles)) / K for styles in (names, None))
+        labelled, unlabelled = (sum(split_losses(model, data_dir, meta, K, styles)) / K for styles in (names, None))
     print(f"val CE (whole val split, mean of codebooks): {labelled:.4f} with each file's style, {unlabelled:.4f} "
           f"as \"no style\": the label is worth {unlabelled - labelled:.4f} nats per token")
     print(f"{'':26}" + "".join(f"{'KL to ' + name:>16}" for name in names) + f"{'margin':>9}")
@@ -678,37 +643,6 @@ def bench_sample_gpu(device):
 
 # --- decode quality ----------------------------------------------------------------------------------
 
-def token_windows(data_dir, meta, n_codebooks, steps, split="val"):
-    """delayed_windows of `steps` steps, stacked: (windows, K, steps). A file's remainder is left out."""
-    import torch
-    return torch.stack([w for _, w in delayed_windows(data_dir, meta, n_codebooks, steps, split) if w.shape[1] == steps])
-
-
-def decode_cross_entropy(model, windows, batch_size=16):
-    """Teacher-forced cross-entropy of windows (N, K, T) fed one step at a time through
-    model.decode_step, from an empty cache: the mean over codebooks of each codebook's mean over its
-    real targets (the special token never counts), in nats. Also returns the first window's logits
-    (K, T - 1, V), for comparing precisions logit by logit."""
-    import torch
-    import torch.nn.functional as F
-    N, K, T = windows.shape
-    special = model.config.codebook_size
-    total, count, first = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), []
-    with torch.inference_mode():
-        for i in range(0, N, batch_size):
-            batch = windows[i:i + batch_size]
-            cache = model.new_cache(len(batch), T)
-            for t in range(T - 1):
-                logits = model.decode_step(batch[:, :, t], cache).float()      # predicts step t + 1
-                target = batch[:, :, t + 1]
-                losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=special, reduction="none")
-                total += losses.sum(0).double()
-                count += (target != special).sum(0).double()
-                if i == 0:
-                    first.append(logits[0])
-    return (total / count).mean().item(), torch.stack(first, 1)
-
-
 def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, window=512):
     """What each decode precision costs in quality: teacher-forced val cross-entropy through
     decode_step, per precision, on a trained checkpoint (--ckpt=PATH; without it, config/small.py's
@@ -718,6 +652,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     import train
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
     from nanosuno.data import read_meta
+    from nanosuno.evaluate import decode_cross_entropy, stacked_windows
     from nanosuno.hardware import pick_decode_dtype
     from nanosuno.model import DECODE_DTYPES
     meta, out_dir = read_meta(data_dir), None
@@ -732,7 +667,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(ckpt_path) if ckpt_path.endswith(".pt") else load_checkpoint(ckpt_path)  # a file or an out_dir
     K = ckpt["model_args"]["n_codebooks"]
-    windows = token_windows(data_dir, meta, K, min(window, ckpt["model_args"]["block_size"]))
+    windows = stacked_windows(data_dir, meta, K, min(window, ckpt["model_args"]["block_size"]))
     print(f"decode_quality: {ckpt_path} (iteration {ckpt.get('iter_num', '?')}); {len(windows)} val windows of "
           f"{windows.shape[2]} steps x {K} codebooks from {data_dir}, teacher-forced through decode_step; {_cpu_name()}")
     results = {}

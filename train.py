@@ -39,6 +39,7 @@ from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_meta, style_names
+from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY, codebook_losses
@@ -58,27 +59,6 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, splits, cfg, device, ctx):
-    """Mean loss over eval_iters batches per split, plus per-codebook losses. The batches come from a
-    fixed seed, so successive evaluations compare like with like and training's randomness is untouched."""
-    model.eval()
-    out = {}
-    for name, batches in splits.items():
-        saved = batches.generator.get_state()
-        batches.generator.manual_seed(cfg.seed + 1)
-        per_codebook = torch.zeros(cfg.n_codebooks)
-        for _ in range(cfg.eval_iters):
-            x, y, styles = batches.sample(cfg.batch_size, device)   # labels kept: the conditional loss
-            with ctx:
-                logits, _ = model(x, styles=styles)
-            per_codebook += codebook_losses(logits, y, model.config.codebook_size).float().cpu()
-        batches.generator.set_state(saved)
-        per_codebook /= cfg.eval_iters
-        out[name] = (per_codebook.nanmean().item(), per_codebook.tolist())
-    model.train()
-    return out
-
-
 def eval_line(iter_num, record, meta):
     """One line per evaluation: the losses, and how they compare with the simple baselines and
     the codec's raw bit rate, e.g.
@@ -372,7 +352,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
         if evaluating:  # for a checkpoint (every process takes part in gathering them)
             rng = random_states(proc, data) if iter_num > start_iter else None
         if master and evaluating:
-            losses = evaluate(raw_model, eval_splits, cfg, proc.device, ctx)
+            losses = estimate_losses(raw_model, eval_splits, cfg.eval_iters, cfg.batch_size, cfg.seed + 1, proc.device, ctx)
             val = losses.get("val", losses["train"])[0]
             record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
             if "val" in losses:

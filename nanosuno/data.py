@@ -237,6 +237,17 @@ class Batches:
         return window[:, :, :-1], window[:, :, 1:], styles.to(device)
 
 
+def windows(data_dir, meta, n_codebooks, length, split="val"):
+    """Every file of a split cut into consecutive windows of `length` frames (a file's last one
+    shorter), each laid out as in training (delayed, warm-up included): yields (file entry, (K, n))."""
+    tokens, special = open_split(data_dir, meta, split), meta["codebook_size"]
+    for f in meta["splits"][split]["files"]:
+        for start in range(0, f["frames"] - 1, length):
+            n = min(length, f["frames"] - start)
+            crop = np.asarray(tokens[f["offset"] + start:f["offset"] + start + n, :n_codebooks], dtype=np.int64)
+            yield f, delay_interleave(torch.from_numpy(crop).T, special)[:, :n]
+
+
 def assign_splits(names, val_fraction):
     """{name: "train" or "val"} for files named by their path relative to the corpus. A file goes
     to val when a hash of its name falls below val_fraction: the same on every machine, and a file

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bench import decode_cross_entropy, token_windows
+from nanosuno.evaluate import decode_cross_entropy, stacked_windows
 from conftest import write_token_corpus
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
@@ -232,7 +232,7 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
     scores nearly the same teacher-forced cross-entropy through decode_step in every precision
     (~0.001 nats apart; the real check, 0.005 nats on a trained small model, is the benchmark's)."""
     meta = write_token_corpus(tmp_path, file_frames=[400, 400])
-    windows = token_windows(str(tmp_path), meta, 8, 40, split="train")
+    windows = stacked_windows(str(tmp_path), meta, 8, 40, split="train")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=40, n_codebooks=8, codebook_size=1024, n_layer=2, n_head=4, n_embd=64))
     optimizer = model.configure_optimizers(1e-2, 0.02, 0.0, (0.9, 0.95))

@@ -465,12 +465,12 @@ def test_a_diverging_run_keeps_its_best_model_and_resumes_from_its_latest(token_
     """val goes 8.67, 5.26, 7.66, 5.92, 8.64 (the attack round's diverging run): ckpt.pt keeps the
     weights that scored 5.26, last.pt the latest, each recording its own val loss and iteration."""
     scripted = iter([8.67, 5.26, 7.66, 5.92, 8.64])
-    real_evaluate = train.evaluate
+    real_evaluate = train.estimate_losses
 
     def evaluate(*args):
         losses = real_evaluate(*args)
         return {**losses, "val": (next(scripted), losses["val"][1])}
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "estimate_losses", evaluate)
     out = tmp_path / "out"
     run(token_corpus, out, "--max_iters=8", "--eval_interval=2")
     best, latest = load(out), load(out, last=True)
@@ -480,7 +480,7 @@ def test_a_diverging_run_keeps_its_best_model_and_resumes_from_its_latest(token_
     assert not all(torch.equal(best["model"][k], v) for k, v in latest["model"].items())
     # sampling and fine-tuning take the best model; resuming goes on from the latest
     assert load_checkpoint(str(out))["iter_num"] == 2 and load_checkpoint(str(out), resume=True)["iter_num"] == 8
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(train, "estimate_losses", real_evaluate)
     run(token_corpus, out, "--max_iters=10", "--eval_interval=2", "--init_from=resume")
     assert load(out, last=True)["iter_num"] == 10
 

@@ -1,0 +1,88 @@
+"""
+How well a model predicts held-out tokens: the one home of evaluation, used by train.py (during
+training), bench.py (learn, steer, decode_quality) and the tests.
+
+    estimate_losses   mean loss over a few random windows per split: cheap, for train.py's evaluations
+    split_losses      cross-entropy per codebook over a WHOLE split, in consecutive windows:
+                      deterministic, so two models (or two runs) compare exactly
+    decode_cross_entropy  the same teacher-forced loss through the one-step decode path (what each
+                      decode precision costs)
+
+Every loss is per codebook, over real targets only (the delay pattern's special token never counts).
+"""
+import torch
+import torch.nn.functional as F
+
+from nanosuno.data import windows
+from nanosuno.model import codebook_losses
+
+
+@torch.no_grad()
+def estimate_losses(model, splits, eval_iters, batch_size, seed, device, ctx):
+    """{split: (mean loss, [loss per codebook])} over eval_iters random batches of each split's
+    Batches. The batches come from a fixed seed, so successive evaluations compare like with like,
+    and the batch generator's state is put back, so training's randomness is untouched."""
+    model.eval()
+    out = {}
+    for name, batches in splits.items():
+        saved = batches.generator.get_state()
+        batches.generator.manual_seed(seed)
+        per_codebook = torch.zeros(model.config.n_codebooks)
+        for _ in range(eval_iters):
+            x, y, styles = batches.sample(batch_size, device)   # labels kept: the conditional loss
+            with ctx:
+                logits, _ = model(x, styles=styles)
+            per_codebook += codebook_losses(logits, y, model.config.codebook_size).float().cpu()
+        batches.generator.set_state(saved)
+        per_codebook /= eval_iters
+        out[name] = (per_codebook.nanmean().item(), per_codebook.tolist())
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def split_losses(model, data_dir, meta, n_codebooks, styles=None, split="val"):
+    """Cross-entropy per codebook over the WHOLE split: every file cut into consecutive windows of
+    block_size + 1 frames (the last one shorter), each laid out as in training. styles: the model's
+    style names, to give each window its file's style (None: "no style")."""
+    special, K = meta["codebook_size"], n_codebooks
+    total, count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    model.eval()
+    for f, window in windows(data_dir, meta, K, model.config.block_size + 1, split):
+        window = window[None]                                             # (1, K, n)
+        style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
+        logits, _ = model(window[:, :, :-1], styles=style)
+        targets = window[:, :, 1:]
+        real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
+        losses = codebook_losses(logits, targets, special).double()
+        total += torch.nan_to_num(losses) * real
+        count += real
+    return (total / count).tolist()
+
+
+def stacked_windows(data_dir, meta, n_codebooks, steps, split="val"):
+    """data.windows of exactly `steps` steps, stacked: (windows, K, steps). A file's remainder is left out."""
+    return torch.stack([w for _, w in windows(data_dir, meta, n_codebooks, steps, split) if w.shape[1] == steps])
+
+
+@torch.inference_mode()
+def decode_cross_entropy(model, windows, batch_size=16):
+    """Teacher-forced cross-entropy of windows (N, K, T) fed one step at a time through
+    model.decode_step, from an empty cache: the mean over codebooks of each codebook's mean over its
+    real targets, in nats. Also returns the first window's logits (K, T - 1, V), for comparing
+    precisions logit by logit."""
+    N, K, T = windows.shape
+    special = model.config.codebook_size
+    total, count, first = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), []
+    for i in range(0, N, batch_size):
+        batch = windows[i:i + batch_size]
+        cache = model.new_cache(len(batch), T)
+        for t in range(T - 1):
+            logits = model.decode_step(batch[:, :, t], cache).float()      # predicts step t + 1
+            target = batch[:, :, t + 1]
+            losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=special, reduction="none")
+            total += losses.sum(0).double()
+            count += (target != special).sum(0).double()
+            if i == 0:
+                first.append(logits[0])
+    return (total / count).mean().item(), torch.stack(first, 1)
