@@ -44,6 +44,15 @@ import time
 WESNOTH = "/tmp/wesnoth/usr/share/games/wesnoth/1.16/data/core/music"
 
 
+def run_command(script, *args):
+    """Run one of nanosuno's commands (prepare.py, train.py) as a user would, in this Python; its
+    output goes to the terminal. A failure ends the benchmark with its exit code."""
+    import subprocess
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *args])
+    if result.returncode:
+        sys.exit(f"{script} failed (exit code {result.returncode}): see its message above")
+
+
 def in_fresh_process(fn, *args):
     """fn(*args) in a new process: returns (its result, its peak RSS in MB: that of the largest of it and
     its own child processes, such as prepare's workers)."""
@@ -176,13 +185,12 @@ def raw_encode(paths, codec_name):
 
 def run_prepare(input_dir, data_dir, codec_name, workers=1):
     """Wall-clock and CPU seconds (its workers' included) of the whole prepare command (codec loading included)."""
-    import prepare
-
     def cpu_seconds():
         return sum(usage.ru_utime + usage.ru_stime for usage in map(resource.getrusage, (resource.RUSAGE_SELF,
                                                                                        resource.RUSAGE_CHILDREN)))
     start, start_cpu = time.time(), cpu_seconds()
-    prepare.main([f"--input_dir={input_dir}", f"--data_dir={data_dir}", f"--codec={codec_name}", f"--workers={workers}"])
+    run_command("prepare.py", f"--input_dir={input_dir}", f"--data_dir={data_dir}", f"--codec={codec_name}",
+                f"--workers={workers}")
     return time.time() - start, cpu_seconds() - start_cpu
 
 
@@ -221,7 +229,7 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
     one batch of random codes per step."""
     import torch
     from nanosuno.hardware import autocast
-    from train import train_step
+    from nanosuno.optim import train_step
     cfg = model.config if not hasattr(model, "_orig_mod") else model._orig_mod.config
     codes = torch.randint(0, cfg.codebook_size + 1, (batch_size, cfg.n_codebooks, cfg.block_size + 1), device=device)
     x, y = codes[:, :, :-1], codes[:, :, 1:]
@@ -305,8 +313,6 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     defaults otherwise; the learning-rate schedule is fitted to the budget."""
     import json
     import torch
-    import prepare
-    import train
     from nanosuno.baselines import NAMES, best_baseline, bits_per_second
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint
     from nanosuno.config import load_config
@@ -315,7 +321,7 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     if not os.path.isdir(corpus):
         sys.exit(f"no corpus at {corpus}: cd /tmp && apt-get download wesnoth-1.16-music && "
                  f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")
-    prepare.main([f"--input_dir={corpus}", f"--data_dir={data_dir}", f"--codec={codec_name or 'auto'}"])
+    run_command("prepare.py", f"--input_dir={corpus}", f"--data_dir={data_dir}", f"--codec={codec_name or 'auto'}")
     meta = read_meta(data_dir)
     baselines = meta["baselines"]
     best = best_baseline(baselines)
@@ -330,9 +336,8 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     for K, iters in budgets.items():
         out_dir = tempfile.mkdtemp(prefix=f"bench-learn-K{K}-")
         start = time.time()
-        train.main(fixed + [f"--n_codebooks={K}", f"--out_dir={out_dir}", f"--max_iters={iters}",
-                            f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}",
-                            f"--eval_interval={iters}"])
+        run_command("train.py", *fixed, f"--n_codebooks={K}", f"--out_dir={out_dir}", f"--max_iters={iters}",
+                    f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}", f"--eval_interval={iters}")
         seconds = time.time() - start
         model = model_from_checkpoint(load_checkpoint(out_dir))
         with torch.no_grad():
@@ -363,7 +368,7 @@ def _iterations_in(minutes, cfg, meta):
     from nanosuno.data import Batches
     from nanosuno.hardware import autocast, pick_dtype
     from nanosuno.model import GPT, GPTConfig
-    from train import train_step
+    from nanosuno.optim import train_step
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_codebooks=cfg.n_codebooks, codebook_size=meta["codebook_size"],
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -649,7 +654,6 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     dims are trained for --steps iterations (default 300) on data_dir first). decode_dtype=auto must
     stay within 0.005 nats of float32."""
     import torch
-    import train
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
     from nanosuno.data import read_meta
     from nanosuno.evaluate import decode_cross_entropy, stacked_windows
@@ -660,10 +664,10 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
         out_dir = tempfile.mkdtemp(prefix="bench-decode-quality-")
         steps = steps or 300
         print(f"training config/small.py's dims for {steps} iterations on {data_dir} (or pass --ckpt=PATH)")
-        train.main(["config/small.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--block_size={window}",
-                    "--batch_size=8", "--gradient_accumulation_steps=1", f"--max_iters={steps}",
+        run_command("train.py", "config/small.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                    f"--block_size={window}", "--batch_size=8", "--gradient_accumulation_steps=1", f"--max_iters={steps}",
                     f"--lr_decay_iters={steps}", f"--warmup_iters={max(1, steps // 20)}", f"--eval_interval={steps}",
-                    "--eval_iters=5", "--sample_every=0", "--compile=False"])
+                    "--eval_iters=5", "--sample_every=0", "--compile=False")
         ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(ckpt_path) if ckpt_path.endswith(".pt") else load_checkpoint(ckpt_path)  # a file or an out_dir
     K = ckpt["model_args"]["n_codebooks"]

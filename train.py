@@ -42,7 +42,8 @@ from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
-from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY, codebook_losses
+from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY
+from nanosuno.optim import train_step
 from nanosuno.plots import save_loss_plot, save_spectrogram
 
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
@@ -58,7 +59,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-@torch.no_grad()
 def eval_line(iter_num, record, meta):
     """One line per evaluation: the losses, and how they compare with the simple baselines and
     the codec's raw bit rate, e.g.
@@ -100,26 +100,6 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
             f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
             f"{items}</body></html>\n")
     atomic_write_bytes(os.path.join(folder, "index.html"), page.encode())
-
-
-def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
-    """One optimizer step: forward and backward on accum_steps batches (inputs, targets, style ids)
-    from get_batch() (gradients add up), clip, step. Returns the last batch's loss as a tensor
-    (reading it syncs with a GPU)."""
-    for micro_step in range(accum_steps):
-        x, y, styles = get_batch()
-        # with DDP, only the last micro step synchronises gradients
-        sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
-        with sync, ctx:
-            _, loss = model(x, y, styles=styles)
-        scaler.scale(loss / accum_steps).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def setup_processes(cfg):

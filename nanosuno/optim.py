@@ -1,5 +1,7 @@
 """
-The optimizer: Muon for the transformer's hidden weight matrices, AdamW for everything else (the
+The optimizer, and one training step with it (train_step: train.py's loop and bench.py's timings).
+
+Muon for the transformer's hidden weight matrices, AdamW for everything else (the
 code embeddings and the output heads), in one torch.optim.Optimizer so that training, checkpoints
 and resume handle a single object.
 
@@ -9,6 +11,8 @@ computed by a few Newton-Schulz iterations. Every direction of the matrix then m
 rate, instead of the few dominant ones that plain gradients favour. Embeddings and heads are not
 hidden matrices (a row per code, not a linear map between features) and stay with AdamW.
 """
+from contextlib import nullcontext
+
 import torch
 
 # coefficients of the quintic Newton-Schulz iteration, tuned to reach singular values near 1 fast
@@ -65,3 +69,23 @@ class MuonAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     denom = (state["exp_avg_sq"] / (1 - b2 ** step)).sqrt_().add_(group["eps"])
                     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** step))
+
+
+def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp, ctx):
+    """One optimizer step: forward and backward on accum_steps batches (inputs, targets, style ids)
+    from get_batch() (gradients add up), clip, step. Returns the last batch's loss as a tensor
+    (reading it syncs with a GPU)."""
+    for micro_step in range(accum_steps):
+        x, y, styles = get_batch()
+        # with DDP, only the last micro step synchronises gradients
+        sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
+        with sync, ctx:
+            _, loss = model(x, y, styles=styles)
+        scaler.scale(loss / accum_steps).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
