@@ -49,13 +49,18 @@ from nanosuno.plots import save_loss_plot, save_spectrogram
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
 
 
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+def get_lr(it, cfg, budget_used=None):
+    """Linear warmup over warmup_iters, then cosine decay to min_lr: at lr_decay_iters, or with a time
+    budget (max_minutes) as the budget is used up (budget_used: the fraction of it spent so far), so
+    that a run for N minutes ends at min_lr whatever this machine's speed."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
+    if budget_used is not None:
+        ratio = min(budget_used, 1.0)
+    elif it > cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    else:
+        ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -203,7 +208,7 @@ def build_model(cfg, proc, data, ckpt):
                             f"{learned} but {cfg.data_dir} has {data.styles}; {fix}, or train from scratch")
     if cfg.init_from == "resume":
         iter_num, best_val_loss, finetuned_from = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("finetuned_from")
-        if iter_num >= cfg.max_iters:
+        if iter_num >= cfg.max_iters and not cfg.max_minutes:
             raise UserError(f"{path} has already trained {iter_num} iterations, max_iters is {cfg.max_iters}: "
                             f"raise --max_iters to train on")
     model = GPT(GPTConfig(**model_args))
@@ -224,6 +229,16 @@ def build_model(cfg, proc, data, ckpt):
             print(f"fine-tuning {cfg.init_from} (iteration {ckpt['iter_num']}) on {cfg.data_dir}: its weights "
                   f"and shape, a fresh optimizer and learning-rate schedule")
     return model, optimizer, iter_num, best_val_loss, finetuned_from
+
+
+def budget_used(seconds, budget, proc):
+    """The fraction of the time budget spent after `seconds` of training; under DDP rank 0's, so that
+    every process ends at the same iteration (their clocks could disagree about the last one)."""
+    used = torch.tensor([seconds / budget], dtype=torch.float64)
+    if proc.ddp:
+        used = used.to(proc.device)
+        torch.distributed.broadcast(used, src=0)
+    return used.item()
 
 
 def random_states(proc, data):
@@ -258,9 +273,10 @@ def restore_random_states(states, cfg, proc, data, iter_num):
     data.train.generator.manual_seed(seed)
 
 
-def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None):
-    """Train until max_iters: evaluate, plot and checkpoint (rank 0) every eval_interval iterations
-    and at the end, log every log_interval."""
+def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None, seconds_before=0.0):
+    """Train until max_iters, or until max_minutes of training (seconds_before of them spent by the run
+    this one resumes): evaluate, plot and checkpoint (rank 0) every eval_interval iterations and at
+    the end, log every log_interval."""
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.dtype == torch.float16)
     use_compile = cfg.compile if cfg.compile is not None else proc.device_type == "cuda"
@@ -301,6 +317,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
         ckpt = {"model": raw_model.state_dict(), "model_args": dataclasses.asdict(raw_model.config),
                 "codec": data.codec, "config": dataclasses.asdict(cfg), "styles": data.styles,
                 "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val_loss,
+                "train_seconds": seconds_before + time.time() - t_start,
                 "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from}
         save_checkpoint(cfg.out_dir, {**ckpt, "optimizer": optimizer.state_dict(), "rng": rng} if last else ckpt, last)
 
@@ -320,21 +337,25 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
     progress_codec = None   # loaded at the first progress sample; False: unavailable
     eval_splits = {"train": data.train, "val": data.val} if data.val else {"train": data.train}
     start_iter, t_start = iter_num, time.time()
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="it")
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    bar = tqdm(total=None if budget else cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
+               unit="it")
     t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
     while True:
-        lr = get_lr(iter_num, cfg)
+        used = budget_used(seconds_before + time.time() - t_start, budget, proc) if budget else None
+        lr = get_lr(iter_num, cfg, used)
         for group in optimizer.param_groups:   # AdamW's at learning_rate, Muon's at muon_lr: both follow the schedule
             group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
 
-        last = iter_num >= cfg.max_iters
+        last = used >= 1.0 if budget else iter_num >= cfg.max_iters
         evaluating = iter_num % cfg.eval_interval == 0 or last
         if evaluating:  # for a checkpoint (every process takes part in gathering them)
             rng = random_states(proc, data) if iter_num > start_iter else None
         if master and evaluating:
             losses = estimate_losses(raw_model, eval_splits, cfg.eval_iters, cfg.batch_size, cfg.seed + 1, proc.device, ctx)
             val = losses.get("val", losses["train"])[0]
-            record = {"iter": iter_num, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
+            record = {"iter": iter_num, "lr": lr, "train_loss": losses["train"][0],
+                      "train_codebook_losses": losses["train"][1]}
             if "val" in losses:
                 record.update(val_loss=losses["val"][0], val_codebook_losses=losses["val"][1])
             if data.baseline and "val" in losses:
@@ -381,6 +402,9 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
     if master:
         seconds = time.time() - t_start
         steps = (iter_num - start_iter) * steps_per_iter
+        if budget:
+            print(f"time budget: {cfg.max_minutes:g} min, {(seconds_before + seconds) / 60:.1f} min trained "
+                  f"({seconds / 60:.1f} in this run), the schedule at min_lr {cfg.min_lr:g}")
         print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
               f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
               f"best model {checkpoint_path(cfg.out_dir)} (val {best_val_loss:.4f}), latest "
@@ -395,8 +419,12 @@ def main(argv):
         cfg, ckpt = load_start(cfg, proc)
         data = load_data(cfg, proc)
         model, optimizer, iter_num, best_val_loss, finetuned_from = build_model(cfg, proc, data, ckpt)
+        seconds_before = ckpt.get("train_seconds", 0.0) if cfg.init_from == "resume" else 0.0
+        if cfg.max_minutes and seconds_before >= cfg.max_minutes * 60:
+            raise UserError(f"{cfg.out_dir} has already trained {seconds_before / 60:.1f} min, max_minutes is "
+                            f"{cfg.max_minutes:g}: raise --max_minutes to train on")
         del ckpt  # free its tensors: the model and the optimizer hold copies
-        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss, finetuned_from)
+        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss, finetuned_from, seconds_before)
     if proc.ddp:
         destroy_process_group()
 

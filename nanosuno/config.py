@@ -63,6 +63,10 @@ class Config:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
+    # a wall-clock budget instead ("what do I get in 30 minutes?"): training ends, evaluated and saved,
+    # once this many minutes are spent, the learning rate decaying to min_lr as they are; max_iters and
+    # lr_decay_iters are then not used. None = train for max_iters
+    max_minutes: typing.Optional[float] = None
     learning_rate: float = 2e-3         # AdamW's, for the code embeddings and the heads
     muon_lr: float = 0.02               # Muon's, for the blocks' weight matrices (see nanosuno/optim.py)
     min_lr: float = 2e-4                # where the cosine decay ends (Muon's lr ends at the same fraction)
@@ -131,6 +135,7 @@ RULES = {
     "batch_size": ("in 1..65536", lambda v: 1 <= v <= 65536),
     "gradient_accumulation_steps": ("in 1..65536", lambda v: 1 <= v <= 65536),
     "max_iters": ("in 1..10**9", lambda v: 1 <= v <= 10 ** 9),
+    "max_minutes": ("None or in (0, 10**6]", lambda v: 0 < v <= 10 ** 6),
     "learning_rate": ("> 0", lambda v: v > 0),
     "muon_lr": ("> 0", lambda v: v > 0),
     "min_lr": (">= 0", lambda v: v >= 0),

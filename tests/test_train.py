@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -543,3 +544,24 @@ def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(trained, tmp_pat
     (tmp_path / "folder.pt").mkdir()
     with pytest.raises(UserError, match="is a folder, not a file"):
         run(data, tmp_path / "new", f"--init_from={tmp_path / 'folder.pt'}", "--max_iters=1")
+
+
+def test_a_time_budget_ends_on_time_at_min_lr_and_resumes_with_what_is_left(token_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    start = time.time()
+    run(token_corpus, out, "--max_minutes=0.1", "--eval_interval=1000000", "--log_interval=1")
+    elapsed = time.time() - start
+    assert 6 <= elapsed < 20   # 6 s of training, then one evaluation, a checkpoint and the plot
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps, final = [r for r in records if "loss" in r], records[-1]
+    assert len(steps) > 5 and final["iter"] == steps[-1]["iter"] and "val_loss" in final
+    assert final["lr"] == pytest.approx(3e-4)                             # min_lr at the end of the budget
+    assert steps[-1]["lr"] < 3e-4 + 0.05 * (3e-3 - 3e-4)                  # the last steps were near it already
+    assert all(a["lr"] >= b["lr"] for a, b in zip(steps[5:], steps[6:]))   # decaying after warmup
+    latest = load(out, last=True)
+    assert latest["config"]["max_minutes"] == 0.1 and 6 <= latest["train_seconds"] < 10
+    assert f"time budget: 0.1 min" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"has already trained 0.1 min, max_minutes is 0.1: raise --max_minutes"):
+        run(token_corpus, out, "--max_minutes=0.1", "--init_from=resume")
+    run(token_corpus, out, "--max_minutes=0.15", "--init_from=resume", "--eval_interval=1000000")
+    assert 9 <= load(out, last=True)["train_seconds"] < 13
