@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import re
 import secrets
+import stat
 import sys
 
 
@@ -166,6 +167,13 @@ def remove_stale_temporaries(folder):
         if TEMPORARY.search(entry.name) and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(OSError):
                 os.remove(entry.path)
+
+
+def not_a_file(mode):
+    """What a non-regular file is ("a named pipe", ...), from its os.stat mode; None for a file."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return None if stat.S_ISREG(mode) else next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def passive_openmp():
