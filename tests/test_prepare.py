@@ -532,6 +532,7 @@ def test_demo_corpus_is_ten_minutes_of_varied_deterministic_music(tmp_path):
     ("hi.flac", 48000, 2, {}),
     ("low.ogg", 32000, 1, {"format": "OGG", "subtype": "VORBIS"}),
     ("song.mp3", 44100, 2, {"format": "MP3", "subtype": "MPEG_LAYER_III"}),
+    ("studio.wav", 384000, 1, {"subtype": "FLOAT"}),   # the filter reaches 97 samples to each side
 ])
 def test_load_audio_any_format_rate_and_channels(tmp_path, name, rate, channels, kwargs):
     path = str(tmp_path / name)
@@ -545,6 +546,45 @@ def test_load_audio_any_format_rate_and_channels(tmp_path, name, rate, channels,
     # many small blocks, each resampled with its neighbours' samples: the same as one pass
     blocks = list(iter_audio_blocks(path, 24000, block_seconds=0.3))
     assert len(blocks) > 5 and torch.allclose(torch.cat(blocks), expected, atol=tolerance)
+
+
+def test_resampling_is_exact_for_common_rates_and_small_for_any_rate():
+    for rate in (8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000, 384000):
+        assert audio.resampling_ratio(rate, 24000) == (rate // math.gcd(rate, 24000), 24000 // math.gcd(rate, 24000))
+    assert audio.resampling_ratio(96001, 24000) == (4, 1)   # as if it were 96000 Hz: 10 ppm
+    for rate in (1, 7919, 24001, 44099, 71989, 96001, 767999, 2 ** 31 - 1):   # coprime or nearly so
+        step, step_out = audio.resampling_ratio(rate, 24000)
+        assert step_out * (step + 2 * audio._reach(step, step_out)) <= audio.MAX_KERNEL
+        assert abs(step * 24000 / (step_out * rate) - 1) < 1.4e-4
+
+
+RESAMPLE_IN_1_GB = """
+import re, resource, sys
+import numpy as np
+from nanosuno.audio import load_audio
+load_audio(sys.argv[1][:-4] + "_small.wav")   # torch's own allocations made before the limit
+used = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))
+np.save(sys.argv[2], load_audio(sys.argv[1]).numpy())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's size from /proc")
+def test_a_sample_rate_coprime_to_24khz_is_resampled_in_little_memory(tmp_path):
+    # 96001 Hz shares no factor with 24000: the exact resampling kernel alone would take 9 GB
+    rate, t = 96001, np.arange(2 * 96001) / 96001
+    sf.write(tmp_path / "odd.wav", 0.5 * np.sin(2 * np.pi * 440 * t), rate, subtype="FLOAT")
+    sf.write(tmp_path / "odd_small.wav", music(0.5, 44100), 44100)
+    result = subprocess.run([sys.executable, "-c", RESAMPLE_IN_1_GB, tmp_path / "odd.wav", tmp_path / "out.npy"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    waveform = np.load(tmp_path / "out.npy")
+    assert abs(len(waveform) - 48000) <= 1
+    # the tone, 10 ppm slower (0.02 ms over 2 s): within 0.03 of the exact one everywhere
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(waveform)) / 24000)
+    assert np.abs(waveform - expected)[100:-100].max() < 0.03
+    blocks = list(iter_audio_blocks(str(tmp_path / "odd.wav"), 24000, block_seconds=0.3))
+    assert len(blocks) > 5 and torch.allclose(torch.cat(blocks), torch.from_numpy(waveform), atol=1e-5)
 
 
 def test_audio_errors_are_user_errors_with_a_reason(tmp_path):
