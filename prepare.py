@@ -30,11 +30,14 @@ from nanosuno.common import passive_openmp, require_dependencies
 passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
 require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
+import ctypes
 import hashlib
 import math
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -147,13 +150,15 @@ def encode(todo, codec, cache, device, processes):
     # under torchrun this process sees only its own share: the bar shows it scaled up to the whole
     own = sum(seconds[path] for path in shares[0]) if "RANK" in os.environ else total
     progress = Progress(total, scale=total / own if own else 1.0, show=bool(todo))
-    if "RANK" in os.environ:
-        encode_across_ranks(shares, codec, cache, progress)
-    elif processes > 1:
-        encode_in_workers(shares, codec, cache, device, progress)
-    else:
-        encode_files(shares[0], codec, cache, progress)
-    progress.close()
+    try:
+        if "RANK" in os.environ:
+            encode_across_ranks(shares, codec, cache, progress)
+        elif processes > 1:
+            encode_in_workers(shares, codec, cache, device, progress)
+        else:
+            encode_files(shares[0], codec, cache, progress)
+    finally:  # the bar ends before an error's line, not after it
+        progress.close()
     return progress
 
 
@@ -314,6 +319,7 @@ def encode_files(paths, codec, cache, report):
 def encode_in_workers(shares, codec, cache, device, progress):
     """Encode each share in its own process on one machine (--workers), each with a share of the
     cores (or its own GPU), all reporting to this process's progress through a queue."""
+    shares = [share for share in shares if share]  # --workers above the number of files: no idle workers
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
     events = context.Queue()
     weights = codec.weights()
@@ -329,10 +335,17 @@ def encode_in_workers(shares, codec, cache, device, progress):
             try:
                 event, value = events.get(timeout=1.0)
             except queue.Empty:
-                if any(worker.exitcode not in (None, 0) for worker in workers):
-                    raise RuntimeError("a prepare worker process died (out of memory?); run prepare.py "
-                                       "again to go on from the cache")
+                for worker in workers:
+                    if worker.exitcode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+                        raise UserError(f"a prepare worker was killed (SIGKILL, most likely for want of memory): "
+                                        f"run prepare.py again with fewer --workers (this run had {len(workers)}); "
+                                        f"it goes on from the cache")
+                    if worker.exitcode not in (None, 0):
+                        raise RuntimeError(f"a prepare worker process died (exit code {worker.exitcode}); run "
+                                           f"prepare.py again to go on from the cache")
                 continue
+            if event == "error":  # a UserError in the worker (a full disk...): its one line
+                raise UserError(value)
             if event == "failed":
                 raise RuntimeError(f"a prepare worker failed:\n{value}")
             if event == "done":
@@ -347,7 +360,9 @@ def encode_in_workers(shares, codec, cache, device, progress):
 
 
 def encode_worker(paths, codec_name, weights, cache, device, threads, events):
-    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "failed")."""
+    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "error"
+    with a UserError's line, or "failed" with a traceback)."""
+    end_with_parent()
     torch.set_num_threads(threads)
     try:
         codec = codec_from_weights(codec_name, weights, device)
@@ -355,8 +370,28 @@ def encode_worker(paths, codec_name, weights, cache, device, threads, events):
         events.put(("done", None))
     except KeyboardInterrupt:  # Ctrl-C reaches every process: the main one reports it
         pass
+    except UserError as e:
+        events.put(("error", str(e)))
     except BaseException:
         events.put(("failed", traceback.format_exc()))
+
+
+def end_with_parent():
+    """Make this worker process end when prepare.py does, however that ends: killed, prepare.py
+    cannot stop its workers, and they would go on encoding into the cache without data_dir's lock.
+    On Linux the kernel kills the worker with its parent (PR_SET_PDEATHSIG); elsewhere a thread
+    ends it within a second of its parent's end (it then has another parent)."""
+    parent = multiprocessing.parent_process().pid
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before this process asked to end with it
+        os._exit(1)
 
 
 def encode_across_ranks(shares, codec, cache, progress):
