@@ -32,6 +32,7 @@ require_dependencies()  # one line, not a traceback, when torch and torchaudio d
 
 import ctypes
 import hashlib
+import io
 import math
 import multiprocessing
 import os
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
 from nanosuno.codec import codec_from_weights, load_codec
-from nanosuno.common import UserError, atomic_write, lock_folder, remove_stale_temporaries, run_cli, writing
+from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
 from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
 from nanosuno.hardware import pick_device
@@ -422,10 +423,12 @@ def encode_share(cfg):
 
 
 def save_codes(path, codes):
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
-            np.save(f, codes.numpy().astype(np.uint16))
-    atomic_write(path, write)
+    """Write a file's codes as .npy: made in memory (1.2 kB per second of audio) and written with
+    Python's file I/O, as numpy's own writes report a full disk as "36000 requested and 0 written",
+    without the errno that makes it one line."""
+    npy = io.BytesIO()
+    np.save(npy, codes.numpy().astype(np.uint16))
+    atomic_write_bytes(path, npy.getbuffer())
 
 
 def token_sources(kept, names, split_of, styles, cache):

@@ -69,6 +69,8 @@ def write_error(e, path):
         return UserError(f"cannot write {path}: permission denied")
     if e.errno == errno.EROFS:
         return UserError(f"cannot write {path}: read-only file system")
+    if e.errno == errno.EFBIG:
+        return UserError(f"cannot write {path}: file too large for its file system (or for `ulimit -f`)")
     return None
 
 
@@ -82,6 +84,25 @@ def writing(path):
         if error is None:
             raise
         raise error from e
+
+
+class KeepWriteError:
+    """A file object for a library that hides a failed write's OSError (a full disk) behind an error
+    of its own: torch.save raises RuntimeError("unexpected pos ..."). The first OSError is kept in
+    `error`, for the caller to raise instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def temp_path(path):

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -490,6 +491,27 @@ def test_a_failed_run_leaves_the_old_token_files_usable(tmp_path, capsys, monkey
     assert not [name for name in os.listdir(tokens) if ".tmp" in name]
     meta = read_meta(tokens)
     assert open_split(tokens, meta, "train").shape == (meta["splits"]["train"]["frames"], 8)
+
+
+def limit_file_size(size):
+    """For subprocess's preexec_fn: files can grow to `size` bytes, then writes fail as on a full
+    disk (with EFBIG): what fits is written, as on a disk that fills up during a write."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # (else the process is killed; inherited across exec)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+def test_a_disk_that_fills_up_while_codes_are_cached_is_one_line(tmp_path):
+    os.makedirs(tmp_path / "wavs")
+    sf.write(tmp_path / "wavs" / "a.wav", music(2.0, 24000), 24000)
+    # the codes' .npy takes 2,528 bytes; its 128-byte header fits (numpy's own writes then said
+    # "2400 requested and 872 written", no errno: a traceback)
+    result = subprocess.run([sys.executable, "prepare.py", f"--input_dir={tmp_path / 'wavs'}", "--codec=untrained",
+                             f"--data_dir={tmp_path / 'tokens'}"], cwd=ROOT, capture_output=True, text=True,
+                            preexec_fn=functools.partial(limit_file_size, 1000), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.fullmatch(f"error: cannot write {tmp_path / 'tokens' / 'cache'}/[0-9a-f]{{32}}\\.npy: file too large "
+                        r"for its file system \(or for `ulimit -f`\)", result.stderr.splitlines()[-1])
+    assert os.listdir(tmp_path / "tokens" / "cache") == []   # no temporary left behind
 
 
 def test_a_crash_between_renames_is_caught_on_load(tmp_path, capsys, monkeypatch):
