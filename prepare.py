@@ -52,7 +52,8 @@ from tqdm import tqdm
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
 from nanosuno.codec import codec_from_weights, load_codec
-from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
+from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
+                             run_cli, writing)
 from nanosuno.config import Config, load_config
 from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
 from nanosuno.hardware import pick_device
@@ -86,6 +87,7 @@ def prepare(cfg):
     skipped = []  # (path, reason) of everything left out
     paths = find_corpus(cfg.input_dir, skipped)
     with lock_folder(cfg.data_dir, "data_dir"):
+        refuse_folders(*(os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "meta.json")))
         prepare_tokens(cfg, paths, skipped)
 
 

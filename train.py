@@ -35,7 +35,8 @@ from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint)
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
+from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
+                             run_cli, writing)
 from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.generate import generate
@@ -421,6 +422,8 @@ def main(argv):
     proc = setup_processes(cfg)
     # one run at a time writes into out_dir (rank 0 writes for all processes)
     with lock_folder(cfg.out_dir, "out_dir") if proc.master else nullcontext():
+        if proc.master:
+            refuse_folders(*(os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl", "loss.png")))
         cfg, ckpt = load_start(cfg, proc)
         data = load_data(cfg, proc)
         model, optimizer, iter_num, best_val_loss, finetuned_from = build_model(cfg, proc, data, ckpt)
