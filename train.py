@@ -294,6 +294,18 @@ def restore_random_states(states, cfg, proc, data, iter_num):
     data.train.generator.manual_seed(seed)
 
 
+def cut_torn_line(log_path):
+    """A crash in the middle of writing log.jsonl leaves its last line cut off: a resumed run cuts
+    that off too before it appends, or its first record would be glued onto it."""
+    if not os.path.exists(log_path):
+        return
+    with writing(log_path), open(log_path, "rb+") as f:
+        log = f.read()
+        if log and not log.endswith(b"\n"):
+            f.truncate(log.rfind(b"\n") + 1)
+            print(f"note: the last line of {log_path} was cut off (a crash while it was written): removed it")
+
+
 def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None):
     """Train until max_iters: evaluate, plot and checkpoint (rank 0) every eval_interval iterations
     and at the end, log every log_interval."""
@@ -317,8 +329,10 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
                 if os.path.exists(old):
                     os.remove(old)
             shutil.rmtree(progress, ignore_errors=True)
-        elif os.path.isdir(progress):
-            remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
+        else:
+            cut_torn_line(log_path)
+            if os.path.isdir(progress):
+                remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
               f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
               f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "

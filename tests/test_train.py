@@ -427,6 +427,20 @@ def test_a_full_disk_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch, r
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_a_log_cut_off_by_a_crash_is_resumed(trained, tmp_path, capsys):
+    data, out = copy_run(trained, tmp_path)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 3, "loss": 6.1, "lr"')   # a crash in the middle of a line
+    run(data, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert f"note: the last line of {out / 'log.jsonl'} was cut off" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(out / "log.jsonl")]   # every line whole: none glued on
+    assert [r["iter"] for r in records if "train_loss" in r] == [0, 2, 2, 4] and load(out)["iter_num"] == 4
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 5, "lo')
+    from nanosuno.plots import save_loss_plot
+    save_loss_plot(out / "log.jsonl", out / "loss.png")   # the plot leaves a torn last line out
+
+
 def corrupt(ckpt):
     """Checkpoints that torch loads safely but that are not what train/sample expect."""
     model_args, state = ckpt["model_args"], ckpt["model"]
