@@ -30,12 +30,16 @@ from nanosuno.common import passive_openmp, require_dependencies
 passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
 require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
+import ctypes
 import errno
 import hashlib
+import io
 import math
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -49,7 +53,8 @@ from tqdm import tqdm
 from nanosuno import demo
 from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
 from nanosuno.codec import codec_from_weights, load_codec
-from nanosuno.common import UserError, atomic_write, lock_folder, remove_stale_temporaries, run_cli, writing
+from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
+                             run_cli, writing)
 from nanosuno.config import Config, load_config
 from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
 from nanosuno.hardware import pick_device
@@ -83,6 +88,7 @@ def prepare(cfg):
     skipped = []  # (path, reason) of everything left out
     paths = find_corpus(cfg.input_dir, skipped)
     with lock_folder(cfg.data_dir, "data_dir"):
+        refuse_folders(*(os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "meta.json")))
         prepare_tokens(cfg, paths, skipped)
 
 
@@ -148,13 +154,15 @@ def encode(todo, codec, cache, stamps, device, processes):
     # under torchrun this process sees only its own share: the bar shows it scaled up to the whole
     own = sum(seconds[path] for path in shares[0]) if "RANK" in os.environ else total
     progress = Progress(total, scale=total / own if own else 1.0, show=bool(todo))
-    if "RANK" in os.environ:
-        encode_across_ranks(shares, codec, cache, stamps, progress)
-    elif processes > 1:
-        encode_in_workers(shares, codec, cache, stamps, device, progress)
-    else:
-        encode_files(shares[0], codec, cache, stamps, progress)
-    progress.close()
+    try:
+        if "RANK" in os.environ:
+            encode_across_ranks(shares, codec, cache, stamps, progress)
+        elif processes > 1:
+            encode_in_workers(shares, codec, cache, stamps, device, progress)
+        else:
+            encode_files(shares[0], codec, cache, stamps, progress)
+    finally:  # the bar ends before an error's line, not after it
+        progress.close()
     return progress
 
 
@@ -369,6 +377,7 @@ def encode_files(paths, codec, cache, stamps, report):
 def encode_in_workers(shares, codec, cache, stamps, device, progress):
     """Encode each share in its own process on one machine (--workers), each with a share of the
     cores (or its own GPU), all reporting to this process's progress through a queue."""
+    shares = [share for share in shares if share]  # --workers above the number of files: no idle workers
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
     events = context.Queue()
     weights = codec.weights()
@@ -384,10 +393,17 @@ def encode_in_workers(shares, codec, cache, stamps, device, progress):
             try:
                 event, value = events.get(timeout=1.0)
             except queue.Empty:
-                if any(worker.exitcode not in (None, 0) for worker in workers):
-                    raise RuntimeError("a prepare worker process died (out of memory?); run prepare.py "
-                                       "again to go on from the cache")
+                for worker in workers:
+                    if worker.exitcode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+                        raise UserError(f"a prepare worker was killed (SIGKILL, most likely for want of memory): "
+                                        f"run prepare.py again with fewer --workers (this run had {len(workers)}); "
+                                        f"it goes on from the cache")
+                    if worker.exitcode not in (None, 0):
+                        raise RuntimeError(f"a prepare worker process died (exit code {worker.exitcode}); run "
+                                           f"prepare.py again to go on from the cache")
                 continue
+            if event == "error":  # a UserError in the worker (a full disk...): its one line
+                raise UserError(value)
             if event == "failed":
                 raise RuntimeError(f"a prepare worker failed:\n{value}")
             if event == "done":
@@ -402,7 +418,9 @@ def encode_in_workers(shares, codec, cache, stamps, device, progress):
 
 
 def encode_worker(paths, codec_name, weights, cache, stamps, device, threads, events):
-    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "failed")."""
+    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "error"
+    with a UserError's line, or "failed" with a traceback)."""
+    end_with_parent()
     torch.set_num_threads(threads)
     try:
         codec = codec_from_weights(codec_name, weights, device)
@@ -410,8 +428,28 @@ def encode_worker(paths, codec_name, weights, cache, stamps, device, threads, ev
         events.put(("done", None))
     except KeyboardInterrupt:  # Ctrl-C reaches every process: the main one reports it
         pass
+    except UserError as e:
+        events.put(("error", str(e)))
     except BaseException:
         events.put(("failed", traceback.format_exc()))
+
+
+def end_with_parent():
+    """Make this worker process end when prepare.py does, however that ends: killed, prepare.py
+    cannot stop its workers, and they would go on encoding into the cache without data_dir's lock.
+    On Linux the kernel kills the worker with its parent (PR_SET_PDEATHSIG); elsewhere a thread
+    ends it within a second of its parent's end (it then has another parent)."""
+    parent = multiprocessing.parent_process().pid
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before this process asked to end with it
+        os._exit(1)
 
 
 def encode_across_ranks(shares, codec, cache, stamps, progress):
@@ -442,10 +480,12 @@ def encode_share(cfg):
 
 
 def save_codes(path, codes):
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
-            np.save(f, codes.numpy().astype(np.uint16))
-    atomic_write(path, write)
+    """Write a file's codes as .npy: made in memory (1.2 kB per second of audio) and written with
+    Python's file I/O, as numpy's own writes report a full disk as "36000 requested and 0 written",
+    without the errno that makes it one line."""
+    npy = io.BytesIO()
+    np.save(npy, codes.numpy().astype(np.uint16))
+    atomic_write_bytes(path, npy.getbuffer())
 
 
 def token_sources(kept, names, split_of, styles, cache, codec):

@@ -36,7 +36,8 @@ from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint, weights_finite)
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
+from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
+                             run_cli, writing)
 from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
@@ -273,6 +274,18 @@ def restore_random_states(states, cfg, proc, data, iter_num):
     data.train.generator.manual_seed(seed)
 
 
+def cut_torn_line(log_path):
+    """A crash in the middle of writing log.jsonl leaves its last line cut off: a resumed run cuts
+    that off too before it appends, or its first record would be glued onto it."""
+    if not os.path.exists(log_path):
+        return
+    with writing(log_path), open(log_path, "rb+") as f:
+        log = f.read()
+        if log and not log.endswith(b"\n"):
+            f.truncate(log.rfind(b"\n") + 1)
+            print(f"note: the last line of {log_path} was cut off (a crash while it was written): removed it")
+
+
 def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None, seconds_before=0.0):
     """Train until max_iters, or until max_minutes of training (seconds_before of them spent by the run
     this one resumes): evaluate, plot and checkpoint (rank 0) every eval_interval iterations and at
@@ -297,8 +310,10 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
                 if os.path.exists(old):
                     os.remove(old)
             shutil.rmtree(progress, ignore_errors=True)
-        elif os.path.isdir(progress):
-            remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
+        else:
+            cut_torn_line(log_path)
+            if os.path.isdir(progress):
+                remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
               f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
               f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
@@ -416,6 +431,8 @@ def main(argv):
     proc = setup_processes(cfg)
     # one run at a time writes into out_dir (rank 0 writes for all processes)
     with lock_folder(cfg.out_dir, "out_dir") if proc.master else nullcontext():
+        if proc.master:
+            refuse_folders(*(os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "last.pt", "log.jsonl", "loss.png")))
         cfg, ckpt = load_start(cfg, proc)
         data = load_data(cfg, proc)
         model, optimizer, iter_num, best_val_loss, finetuned_from = build_model(cfg, proc, data, ckpt)

@@ -6,22 +6,25 @@ Files are read in blocks and resampled block by block, so a 30-minute recording 
 memory at its original rate: each block is resampled together with a little audio on both sides
 (the resampling filter's reach), and block edges fall on multiples of the rate ratio, so the
 result equals resampling the whole file at once. (MP3 files are the exception: libsndfile needs
-to decode them in one piece, see _read_blocks.)
+to decode them in one piece, see _read_blocks.) The resampler's memory is bounded for any rate,
+see resampling_ratio.
 """
 import io
 import math
 import os
 import re
-import stat
+from fractions import Fraction
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 
-from nanosuno.common import UserError, atomic_write_bytes
+from nanosuno.common import UserError, atomic_write_bytes, not_a_file
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+MAX_KERNEL = 1 << 22   # numbers in torchaudio's resampling kernel (16 MB; 44.1 kHz needs 14,000)
+MAX_BLOCK = 1 << 22    # input samples resampled at once (10 s at 384 kHz; a 2 MHz file's 10 s would be 80 MB)
 
 
 class AudioError(UserError):
@@ -68,13 +71,6 @@ def find_audio_files(directory, skipped=None):
     return found
 
 
-def not_a_file(mode):
-    """What a non-regular file is ("a named pipe", ...), from its os.stat mode; None for a file."""
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return None if stat.S_ISREG(mode) else next((name for test, name in kinds if test(mode)), "not a file")
-
-
 def open_audio(path):
     """The file as an open soundfile.SoundFile, or AudioError. Only regular files are opened (a
     named pipe would block), and the OS's reason comes first (libsndfile says "System error" for a
@@ -113,10 +109,10 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0, start_seconds
             raise AudioError(path, f"truncated ({cut})")
         start = min(declared, round(start_seconds * rate))
         # resample in whole periods of the rate ratio: `step` input samples give `step_out` outputs
-        gcd = math.gcd(rate, sample_rate)
-        step, step_out = rate // gcd, sample_rate // gcd
-        context = step * math.ceil(64 / step)  # > the filter's reach (6 zero crossings) on each side
-        block = step * max(1, round(block_seconds * rate / step))
+        step, step_out = resampling_ratio(rate, sample_rate)
+        # > the filter's reach on each side (6 zero crossings: 7 samples, more when downsampling)
+        context = step * math.ceil(max(64, _reach(step, step_out) + 1) / step)
+        block = step * max(1, round(min(block_seconds * rate, MAX_BLOCK) / step))
         pending = torch.zeros(context)  # input not yet resampled, after `context` samples of left context
         read = 0
         for data in _read_blocks(f, block, path, start):
@@ -137,7 +133,7 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0, start_seconds
                 # keep): every new length would cost memory for good, see codec._encode_batch
                 chunk = pending[:context + ready + context]
                 chunk = torch.nn.functional.pad(chunk, (0, 2 * context + block - len(chunk)))
-                resampled = torchaudio.functional.resample(chunk, rate, sample_rate)
+                resampled = torchaudio.functional.resample(chunk, step, step_out)
                 first = context // step * step_out
                 yield resampled[first:first + math.ceil(ready * step_out / step)]
                 pending = pending[ready:]
@@ -146,6 +142,35 @@ def iter_audio_blocks(path, sample_rate=24000, block_seconds=10.0, start_seconds
     if declared - start - read > max(rate, 0.02 * declared):
         raise AudioError(path, f"truncated (header says {declared / rate:.1f} s, "
                          f"only {(start + read) / rate:.1f} s could be read)")
+
+
+def resampling_ratio(rate, sample_rate):
+    """(step, step_out): resampling from `rate` to `sample_rate` turns `step` input samples into
+    `step_out` output samples. torchaudio's kernel for the reduced ratio holds step_out x (step + 2 x
+    the filter's reach) numbers: 14,000 for 44.1 kHz (147/80), but 2.3 billion (9 GB) for a rate
+    coprime to 24 kHz such as 96001 Hz, which would be ours to allocate. Where the exact ratio's
+    kernel is larger than MAX_KERNEL (no common rate's is), the closest ratio whose kernel fits is
+    used instead: the audio then plays faster or slower by the difference, 10 ppm for 96001 Hz (as
+    if it were 96000 Hz) and under 0.014% for any rate, far less than anyone hears (0.25 cents)."""
+    exact = Fraction(rate, sample_rate)
+    if _kernel_size(exact) > MAX_KERNEL:
+        # the best approximations with denominators up to `lo` fit (up to sample_rate / rate: their
+        # numerators are >= 1), find the largest limit that still does
+        lo, hi = math.ceil(sample_rate / rate), exact.denominator
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _kernel_size(exact.limit_denominator(mid)) <= MAX_KERNEL else (lo, mid - 1)
+        exact = exact.limit_denominator(lo)
+    return exact.numerator, exact.denominator
+
+
+def _reach(step, step_out):
+    """How many input samples on each side torchaudio's resampling filter reads (its `width`)."""
+    return math.ceil(6 * step / (min(step, step_out) * 0.99))
+
+
+def _kernel_size(ratio):
+    return ratio.denominator * (ratio.numerator + 2 * _reach(ratio.numerator, ratio.denominator))
 
 
 def _read_blocks(f, block, path, start=0):

@@ -29,7 +29,7 @@ import os
 import torch
 
 from nanosuno.codec import check_codec_info
-from nanosuno.common import UserError, atomic_write
+from nanosuno.common import KeepWriteError, UserError, atomic_write
 from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
 
@@ -49,8 +49,14 @@ def save_checkpoint(out_dir, ckpt, last=False):
     os.makedirs(out_dir, exist_ok=True)
 
     def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: a full disk is then an OSError, not torch's RuntimeError
-            torch.save(ckpt, f)
+        with open(tmp, "wb") as f:
+            kept = KeepWriteError(f)
+            try:
+                torch.save(ckpt, kept)
+            except RuntimeError:
+                if kept.error:  # torch's "unexpected pos" hides why a write failed (a full disk...)
+                    raise kept.error
+                raise
     atomic_write(checkpoint_path(out_dir, last), write)
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 
 
@@ -69,7 +70,32 @@ def write_error(e, path):
         return UserError(f"cannot write {path}: permission denied")
     if e.errno == errno.EROFS:
         return UserError(f"cannot write {path}: read-only file system")
+    if e.errno == errno.ENOTDIR and (blocker := file_in_the_way(path)):
+        return UserError(f"cannot write {path}: {blocker} is a file, not a folder")
+    if e.errno == errno.EISDIR:
+        return UserError(f"cannot write {path}: it is a folder; move it out of the way")
+    if e.errno == errno.EEXIST and os.path.lexists(path) and not os.path.isdir(path):  # making a folder
+        return UserError(f"cannot create the folder {path}: a file of that name is in the way")
+    if e.errno == errno.EFBIG:
+        return UserError(f"cannot write {path}: file too large for its file system (or for `ulimit -f`)")
     return None
+
+
+def file_in_the_way(path):
+    """The nearest of path's parent folders that exists and is not a folder (it blocks creating
+    path: out_dir=notes.txt/run), or None."""
+    parent = os.path.dirname(os.path.normpath(path))
+    while parent and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
+
+
+def refuse_folders(*paths):
+    """Refuse, before any work, a folder where a command writes a file: it would fail only once it
+    writes there, at the end of a long run."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, where a file is to be written: move it out of the way")
 
 
 @contextlib.contextmanager
@@ -82,6 +108,25 @@ def writing(path):
         if error is None:
             raise
         raise error from e
+
+
+class KeepWriteError:
+    """A file object for a library that hides a failed write's OSError (a full disk) behind an error
+    of its own: torch.save raises RuntimeError("unexpected pos ..."). The first OSError is kept in
+    `error`, for the caller to raise instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def temp_path(path):
@@ -155,6 +200,8 @@ def lock_folder(folder, setting):
     left in the folder."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{setting} {folder} is not a folder")
+    if blocker := file_in_the_way(folder):
+        raise UserError(f"{setting} {folder} cannot be created: {blocker} is a file, not a folder")
     path = os.path.join(folder, ".lock")
     with writing(path):
         os.makedirs(folder, exist_ok=True)
@@ -186,6 +233,13 @@ def remove_stale_temporaries(folder):
                     shutil.rmtree(entry.path)
                 elif entry.is_file(follow_symlinks=False):
                     os.remove(entry.path)
+
+
+def not_a_file(mode):
+    """What a non-regular file is ("a named pipe", ...), from its os.stat mode; None for a file."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return None if stat.S_ISREG(mode) else next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def passive_openmp():

@@ -17,13 +17,16 @@ import ast
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
 
-from nanosuno.common import UserError
+from nanosuno.common import UserError, not_a_file
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file holds a few settings: more is another file given by mistake
 
 
 @dataclass
@@ -236,10 +239,19 @@ def _parse_literal(text):
 
 
 def _read_config_file(path):
+    """The settings a config file assigns. Only a regular file is read (a named pipe would block,
+    /dev/zero never ends), and at most MAX_CONFIG_BYTES of it."""
     try:
-        source = open(path).read()
+        kind = not_a_file(os.stat(path).st_mode)
+        if kind:
+            raise UserError(f"config file {path} is not a regular file ({kind}): name a .py file of settings")
+        with open(path, "rb") as f:
+            source = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}")
+    if len(source) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MB: a config file holds a "
+                        f"few settings (n_layer = 6); is it the right file?")
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)  # config files are Python, run as such (as in nanoGPT)

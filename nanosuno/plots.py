@@ -14,7 +14,7 @@ def save_loss_plot(log_path, png_path):
     """Loss curves from train.py's log.jsonl: training loss, evaluated train/val loss, and val loss
     per codebook, each next to its best simple baseline (dashed: what counting token statistics
     scores on val; a model above its dashed line has learned less than counting)."""
-    records = [json.loads(line) for line in open(log_path)]
+    records = read_log(log_path)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "train_loss" in r]
     fig, (ax, ax_cb) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -43,6 +43,21 @@ def save_loss_plot(log_path, png_path):
     ax_cb.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, png_path, dpi=100)
+
+
+def read_log(log_path):
+    """The records of train.py's log.jsonl. A last line that does not parse was cut off by a crash
+    in the middle of writing it, and is left out."""
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:   # damage inside the log is not a crash's: say so
+                raise
+    return records
 
 
 def save_spectrogram(path, waveform, sample_rate, title=""):

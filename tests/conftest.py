@@ -64,30 +64,36 @@ def write_token_corpus(data_dir, file_frames, val_file_frames=(), n_codebooks=8,
     return write_tokens(str(data_dir), meta, sources)
 
 
-def fail_writes(monkeypatch, match, error=errno.ENOSPC):
+def fail_writes(monkeypatch, match, error=errno.ENOSPC, room=0):
     """Make writing any file whose path contains `match` fail the way the OS would: a full disk
     (ENOSPC) at the first write, a missing permission (EACCES) or a read-only file system (EROFS)
     at open. (The tests run as root, where permissions do not stop anyone, and a full disk cannot
-    be had without mounting one.) Everything nanosuno writes goes through Python's open()."""
+    be had without mounting one.) Everything nanosuno writes goes through Python's open(). A full
+    disk may have `room` bytes left for each file: the writes that fit are made."""
     real_open = builtins.open
 
     def open_(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, os.PathLike)) and match in str(file) and any(c in mode for c in "wax+"):
             if error != errno.ENOSPC:
                 raise OSError(error, os.strerror(error), str(file))
-            return NoSpace(real_open(file, mode, *args, **kwargs))
+            return NoSpace(real_open(file, mode, *args, **kwargs), room)
         return real_open(file, mode, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", open_)
 
 
 class NoSpace:
-    """An open file whose writes fail as on a full disk."""
+    """An open file whose writes fail as on a full disk, once `room` bytes are written."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, room=0):
+        self.f, self.room = f, room
 
     def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if len(data) > self.room:
+            self.f.write(data[:self.room])   # as the OS does: what fits is written, then the error
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
 
     def __getattr__(self, name):
         return getattr(self.f, name)

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from conftest import ROOT, fail_writes, hold_lock, run_torchrun
-from nanosuno.common import UserError, atomic_write_set, lock_folder, run_cli, temp_path
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
+from nanosuno.common import UserError, atomic_write_set, lock_folder, refuse_folders, run_cli, temp_path, writing
 
 
 def test_a_lock_is_refused_while_another_process_holds_it_and_freed_when_that_dies(tmp_path):
@@ -74,6 +76,65 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, erro
             pass
     with pytest.raises(UserError, match=f"^{expected.format(tmp_path / 'a.bin')}$"):
         atomic_write_set([(tmp_path / "a.bin", write_text("a"))])
+
+
+def test_a_path_in_the_way_is_one_line_naming_it(tmp_path):
+    notes, folder = tmp_path / "notes.txt", tmp_path / "ckpt.pt"
+    notes.write_text("x")
+    folder.mkdir()
+    with pytest.raises(UserError, match=f"^out_dir {notes / 'run'} cannot be created: {notes} is a file, not a folder$"):
+        with lock_folder(notes / "run", "out_dir"):
+            pass
+    with pytest.raises(UserError, match=f"^cannot write {notes / 'a' / 'b'}: {notes} is a file, not a folder$"):
+        with writing(notes / "a" / "b"), open(notes / "a" / "b", "w"):
+            pass
+    with pytest.raises(UserError, match=f"^cannot create the folder {notes}: a file of that name is in the way$"):
+        with writing(notes):
+            os.makedirs(notes, exist_ok=True)
+    with pytest.raises(UserError, match=f"^cannot write {folder}: it is a folder; move it out of the way$"):
+        atomic_write_set([(folder, write_text("x"))])
+    with pytest.raises(UserError, match=f"^{folder} is a folder, where a file is to be written: move it out of the way$"):
+        refuse_folders(notes, folder)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "notes.txt"] and os.listdir(folder) == []
+
+
+def in_the_way(tmp_path):
+    """A token corpus, an audio folder and a file, for commands to meet paths in their way."""
+    write_token_corpus(tmp_path / "tokens", file_frames=[100], val_file_frames=[100])
+    os.makedirs(tmp_path / "wavs")
+    sf.write(tmp_path / "wavs" / "a.wav", np.sin(np.arange(24000) / 10), 24000)
+    (tmp_path / "notes.txt").write_text("x")
+
+
+@pytest.mark.parametrize("script, args, make, expected", [
+    ("train.py", ["--out_dir={t}/notes.txt/run"], None,
+     "out_dir {t}/notes.txt/run cannot be created: {t}/notes.txt is a file, not a folder"),
+    ("train.py", ["--out_dir={t}/out"], "out/log.jsonl",
+     "{t}/out/log.jsonl is a folder, where a file is to be written: move it out of the way"),
+    ("train.py", ["--out_dir={t}/out", "--init_from=resume"], "out/ckpt.pt",
+     "{t}/out/ckpt.pt is a folder, where a file is to be written: move it out of the way"),
+    ("prepare.py", ["--data_dir={t}/notes.txt/tokens"], None,
+     "data_dir {t}/notes.txt/tokens cannot be created: {t}/notes.txt is a file, not a folder"),
+    ("prepare.py", ["--data_dir={t}/new"], "new/train.bin",
+     "{t}/new/train.bin is a folder, where a file is to be written: move it out of the way"),
+    ("prepare.py", ["--data_dir={t}/new"], "new/cache=file",
+     "cannot create the folder {t}/new/cache: a file of that name is in the way"),
+])
+def test_a_command_meeting_a_path_in_its_way_is_one_line(tmp_path, script, args, make, expected):
+    in_the_way(tmp_path)
+    if make:   # a folder where the command writes a file, or (=file) a file where it makes a folder
+        path = tmp_path / make.removesuffix("=file")
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_text("x") if make.endswith("=file") else path.mkdir()
+    args = [a.format(t=tmp_path) for a in args]
+    common = ([f"--data_dir={tmp_path / 'tokens'}", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16",
+               "--batch_size=2", "--max_iters=2", "--compile=False", "--device=cpu"] if script == "train.py" else
+              [f"--input_dir={tmp_path / 'wavs'}", "--codec=untrained"])
+    result = subprocess.run([sys.executable, script, *common, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert (result.returncode, result.stderr.splitlines()[-1:]) == (2, ["error: " + expected.format(t=tmp_path)]), \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_run_cli_makes_a_full_disk_one_line_and_keeps_bugs_as_tracebacks(monkeypatch, capsys):

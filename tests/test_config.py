@@ -78,6 +78,25 @@ def test_config_file_must_exist_and_come_first(tmp_path):
         load_config(["--n_layer=2", str(good)])
 
 
+def test_a_config_file_that_is_no_file_of_settings_is_refused_unread(tmp_path):
+    """/dev/zero never ends and a named pipe blocks: neither is read; nor more than 1 MB of a file."""
+    os.mkfifo(tmp_path / "pipe.py")
+    big = tmp_path / "big.py"
+    big.write_text("n_layer = 3\n" + "#" * (1 << 20))
+    for path, what in (("/dev/zero", "a character device"), (tmp_path / "pipe.py", "a named pipe"),
+                       (tmp_path, "a folder")):
+        with pytest.raises(UserError, match=f"^config file {path} is not a regular file \\({what}\\): "
+                                            "name a .py file of settings$"):
+            load_config([str(path)])
+    with pytest.raises(UserError, match=f"^config file {big} is larger than 1 MB: a config file holds a few "
+                                        r"settings \(n_layer = 6\); is it the right file\?$"):
+        load_config([str(big)])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "/dev/zero"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr == ("error: config file /dev/zero is not a regular file (a "
+                                                        "character device): name a .py file of settings\n")
+
+
 def test_tiny_config_is_small():
     cfg = load_config([os.path.join(ROOT, "config/tiny.py")])
     assert cfg.n_layer * cfg.n_embd ** 2 < 6 * 256 ** 2 / 4 and cfg.max_iters <= 500

@@ -1,15 +1,19 @@
 """prepare.py and what it stands on (audio I/O, the demo corpus, the train/val split): mixed formats,
 bad input, the token files against meta.json, repeatability, the per-file cache. CPU, no network,
 the untrained codec, audio synthesised here."""
+import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -233,6 +237,92 @@ def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, c
     assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
 
 
+def test_workers_above_the_number_of_files_start_no_idle_processes(tmp_path, capsys, monkeypatch):
+    started = []
+    original = multiprocessing.context.SpawnProcess.start
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start",
+                        lambda self: started.append(self) or original(self))
+    corpus = tmp_path / "wavs"
+    os.makedirs(corpus)
+    for i in range(2):
+        sf.write(corpus / f"{i}.wav", music(1.0, 24000, index=i), 24000)
+    assert "prepared 2 file(s)" in run(capsys, corpus, tmp_path / "tokens", "--workers=4")
+    assert len(started) == 2
+
+
+def children(pid):
+    """The pids of process pid's --workers processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline").read()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    """True while process pid runs (a zombie, perhaps never reaped in a container, runs nothing)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prepare_with_two_workers_encoding(tmp_path):
+    """A prepare.py --workers=2 process whose two workers are encoding (minutes of audio each), with
+    the pids of the workers and the file that collects its stderr; whatever is left is killed after."""
+    corpus = tmp_path / "wavs"
+    os.makedirs(corpus)
+    t = np.arange(240 * 24000) / 24000
+    for i in range(2):
+        sf.write(corpus / f"{i}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t), 24000)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        process = subprocess.Popen([sys.executable, "prepare.py", f"--input_dir={corpus}", "--codec=untrained",
+                                    f"--data_dir={tmp_path / 'tokens'}", "--workers=2"], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        # the progress bar counts audio read by the workers: then both are encoding
+        while not re.search(r"\b[1-9]\d*/\d+ audio-s", stderr.read_text()) or len(workers) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, stderr.read_text()[-2000:]
+            workers = children(process.pid)
+            time.sleep(0.2)
+        yield process, workers, stderr
+    finally:
+        for pid in [process.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_killing_prepare_ends_its_workers(tmp_path):
+    with prepare_with_two_workers_encoding(tmp_path) as (process, workers, _):
+        process.kill()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)   # none goes on writing into the cache without the lock
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_a_worker_killed_for_memory_is_one_line(tmp_path):
+    with prepare_with_two_workers_encoding(tmp_path) as (process, workers, stderr):
+        os.kill(workers[0], signal.SIGKILL)   # as the kernel's out-of-memory killer does
+        assert process.wait(timeout=60) == 2
+    lines = stderr.read_text().splitlines()
+    assert "Traceback" not in stderr.read_text()
+    assert lines[-1] == ("error: a prepare worker was killed (SIGKILL, most likely for want of memory): run "
+                         "prepare.py again with fewer --workers (this run had 2); it goes on from the cache")
+
+
 def test_torchrun_prepare_gives_the_bytes_of_one_process(tmp_path, capsys):
     corpus = styled_corpus(tmp_path / "wavs")
     run(capsys, corpus, tmp_path / "one")
@@ -403,6 +493,27 @@ def test_a_failed_run_leaves_the_old_token_files_usable(tmp_path, capsys, monkey
     assert open_split(tokens, meta, "train").shape == (meta["splits"]["train"]["frames"], 8)
 
 
+def limit_file_size(size):
+    """For subprocess's preexec_fn: files can grow to `size` bytes, then writes fail as on a full
+    disk (with EFBIG): what fits is written, as on a disk that fills up during a write."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # (else the process is killed; inherited across exec)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+def test_a_disk_that_fills_up_while_codes_are_cached_is_one_line(tmp_path):
+    os.makedirs(tmp_path / "wavs")
+    sf.write(tmp_path / "wavs" / "a.wav", music(2.0, 24000), 24000)
+    # the codes' .npy takes 2,528 bytes; its 128-byte header fits (numpy's own writes then said
+    # "2400 requested and 872 written", no errno: a traceback)
+    result = subprocess.run([sys.executable, "prepare.py", f"--input_dir={tmp_path / 'wavs'}", "--codec=untrained",
+                             f"--data_dir={tmp_path / 'tokens'}"], cwd=ROOT, capture_output=True, text=True,
+                            preexec_fn=functools.partial(limit_file_size, 1000), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.fullmatch(f"error: cannot write {tmp_path / 'tokens' / 'cache'}/[0-9a-f]{{32}}\\.npy: file too large "
+                        r"for its file system \(or for `ulimit -f`\)", result.stderr.splitlines()[-1])
+    assert os.listdir(tmp_path / "tokens" / "cache") == []   # no temporary left behind
+
+
 def test_a_crash_between_renames_is_caught_on_load(tmp_path, capsys, monkeypatch):
     first, second = two_corpora(tmp_path)
     tokens = tmp_path / "tokens"
@@ -556,6 +667,7 @@ def test_demo_corpus_is_ten_minutes_of_varied_deterministic_music(tmp_path):
     ("hi.flac", 48000, 2, {}),
     ("low.ogg", 32000, 1, {"format": "OGG", "subtype": "VORBIS"}),
     ("song.mp3", 44100, 2, {"format": "MP3", "subtype": "MPEG_LAYER_III"}),
+    ("studio.wav", 384000, 1, {"subtype": "FLOAT"}),   # the filter reaches 97 samples to each side
 ])
 def test_load_audio_any_format_rate_and_channels(tmp_path, name, rate, channels, kwargs):
     path = str(tmp_path / name)
@@ -569,6 +681,45 @@ def test_load_audio_any_format_rate_and_channels(tmp_path, name, rate, channels,
     # many small blocks, each resampled with its neighbours' samples: the same as one pass
     blocks = list(iter_audio_blocks(path, 24000, block_seconds=0.3))
     assert len(blocks) > 5 and torch.allclose(torch.cat(blocks), expected, atol=tolerance)
+
+
+def test_resampling_is_exact_for_common_rates_and_small_for_any_rate():
+    for rate in (8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000, 384000):
+        assert audio.resampling_ratio(rate, 24000) == (rate // math.gcd(rate, 24000), 24000 // math.gcd(rate, 24000))
+    assert audio.resampling_ratio(96001, 24000) == (4, 1)   # as if it were 96000 Hz: 10 ppm
+    for rate in (1, 7919, 24001, 44099, 71989, 96001, 767999, 2 ** 31 - 1):   # coprime or nearly so
+        step, step_out = audio.resampling_ratio(rate, 24000)
+        assert step_out * (step + 2 * audio._reach(step, step_out)) <= audio.MAX_KERNEL
+        assert abs(step * 24000 / (step_out * rate) - 1) < 1.4e-4
+
+
+RESAMPLE_IN_1_GB = """
+import re, resource, sys
+import numpy as np
+from nanosuno.audio import load_audio
+load_audio(sys.argv[1][:-4] + "_small.wav")   # torch's own allocations made before the limit
+used = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))
+np.save(sys.argv[2], load_audio(sys.argv[1]).numpy())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's size from /proc")
+def test_a_sample_rate_coprime_to_24khz_is_resampled_in_little_memory(tmp_path):
+    # 96001 Hz shares no factor with 24000: the exact resampling kernel alone would take 9 GB
+    rate, t = 96001, np.arange(2 * 96001) / 96001
+    sf.write(tmp_path / "odd.wav", 0.5 * np.sin(2 * np.pi * 440 * t), rate, subtype="FLOAT")
+    sf.write(tmp_path / "odd_small.wav", music(0.5, 44100), 44100)
+    result = subprocess.run([sys.executable, "-c", RESAMPLE_IN_1_GB, tmp_path / "odd.wav", tmp_path / "out.npy"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    waveform = np.load(tmp_path / "out.npy")
+    assert abs(len(waveform) - 48000) <= 1
+    # the tone, 10 ppm slower (0.02 ms over 2 s): within 0.03 of the exact one everywhere
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(waveform)) / 24000)
+    assert np.abs(waveform - expected)[100:-100].max() < 0.03
+    blocks = list(iter_audio_blocks(str(tmp_path / "odd.wav"), 24000, block_seconds=0.3))
+    assert len(blocks) > 5 and torch.allclose(torch.cat(blocks), torch.from_numpy(waveform), atol=1e-5)
 
 
 def test_audio_errors_are_user_errors_with_a_reason(tmp_path):

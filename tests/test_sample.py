@@ -1,5 +1,6 @@
 """Generation (nanosuno/generate.py) and sample.py: the sampler, delay pattern, KV cache, sliding window,
 prompts, outputs and errors. A tiny random-init model saved as a checkpoint, the `untrained` codec, CPU."""
+import errno
 import os
 import re
 import signal
@@ -345,6 +346,21 @@ def test_a_full_disk_or_a_running_sample_is_one_line(tmp_path, codec, monkeypatc
     with pytest.raises(UserError, match=f"^no space left on {tmp_path / 'out' / 'samples' / '001'}"):
         run_sample(out_dir, "--seconds=0.2")
     assert sorted(os.listdir(tmp_path / "out" / "samples")) == [".lock"]   # no half-written run, no temporaries
+
+
+def test_a_sample_dir_that_cannot_be_made_or_written_is_one_line(tmp_path, codec, monkeypatch):
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=f"^sample_dir {tmp_path / 'notes.txt' / 's'} cannot be created: "
+                                        f"{tmp_path / 'notes.txt'} is a file, not a folder$"):
+        run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'notes.txt' / 's'}")
+    os.makedirs(tmp_path / "s" / "sample_000.wav")
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 's' / 'sample_000.wav'}: it is a folder; "
+                                        "move it out of the way$"):
+        run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 's'}")
+    fail_writes(monkeypatch, str(tmp_path / "ro"), errno.EROFS)
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 'ro' / 's' / '.lock'}: read-only file system$"):
+        run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'ro' / 's'}")
 
 
 def test_error_no_checkpoint(tmp_path):
