@@ -118,8 +118,6 @@ def test_help_lists_every_setting(capsys):
     ("--block_size=10000000000", "setting 'block_size' must be in 2..1000000, got 10000000000"),
     ("--n_embd=99999999999", "setting 'n_embd' must be in 1..65536, got 99999999999"),
     ("--n_layer=100000", "setting 'n_layer' must be in 1..1024, got 100000"),
-    ("--num_samples=1000000", "setting 'num_samples' must be in 1..4096, got 1000000"),
-    ("--seconds=1e300", r"setting 'seconds' must be in \(0, 86400\] \(a day\), got 1e\+300"),
     ("--block_size=4", r"block_size \(4\) must be at least n_codebooks \(8\)"),
     ("--batch_size=0", "setting 'batch_size' must be in 1..65536, got 0"),
     ("--eval_interval=0", "setting 'eval_interval' must be >= 1, got 0"),
@@ -144,7 +142,7 @@ def test_help_lists_every_setting(capsys):
     ("--decode_dtype=int4", "setting 'decode_dtype' must be auto, float32, bfloat16 or int8, got 'int4'"),
     ("--codec=mp3", "setting 'codec' must be None or one of encodec_24khz, untrained, auto, got 'mp3'"),
     ("--seed=-1", r"setting 'seed' must be in 0..2\*\*32-1, got -1"),
-    ("--seconds=0", r"setting 'seconds' must be in \(0, 86400\] \(a day\), got 0.0"),
+    ("--seconds=0", "setting 'seconds' must be > 0, got 0.0"),
 ])
 def test_settings_out_of_range_are_refused_with_the_range(arg, expected):
     with pytest.raises(UserError, match=expected) as e:
