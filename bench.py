@@ -791,5 +791,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from nanosuno.common import run_cli
+    from nanosuno.common import require_dependencies, run_cli
+    require_dependencies()
     run_cli(main)  # a user error (a missing checkpoint or corpus, ...) is one line

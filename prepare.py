@@ -25,10 +25,12 @@ Several processes (--workers=N, or torchrun) share out the files to encode, each
 then one process (the first) writes train.bin, val.bin and meta.json from the cache, so the
 result is byte for byte that of one process (the codec's codes do not depend on the thread count).
 """
-from nanosuno.common import passive_openmp
+from nanosuno.common import passive_openmp, require_dependencies
 
 passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
+import errno
 import hashlib
 import math
 import multiprocessing
@@ -94,16 +96,16 @@ def prepare_tokens(cfg, paths, skipped):
     with writing(cache_dir):
         os.makedirs(cache_dir, exist_ok=True)
     remove_stale_temporaries(cache_dir)
-    cache = cache_files(cache_dir, paths, codec, skipped)
+    cache, stamps = cache_files(cache_dir, paths, codec, skipped)
     paths = [path for path in paths if path in cache]
-    todo = [path for path in paths if not os.path.exists(cache[path])]
+    todo = [path for path in paths if not cached_codes_ok(cache[path], codec)]
     processes = int(os.environ.get("WORLD_SIZE", cfg.workers))
     print(f"preparing {len(paths)} audio file(s) from {cfg.input_dir} with codec {codec.name} "
           f"into {cfg.data_dir}: {len(todo)} to encode, {len(paths) - len(todo)} cached"
           + (f", {processes} processes" if processes > 1 else ""))
 
     start = time.time()
-    progress = encode(todo, codec, cache, device, processes)
+    progress = encode(todo, codec, cache, stamps, device, processes)
     elapsed = time.time() - start
     skipped += progress.skipped
 
@@ -115,7 +117,7 @@ def prepare_tokens(cfg, paths, skipped):
     names = {path: os.path.relpath(path, cfg.input_dir).replace(os.sep, "/") for path in kept}
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
     styles = {name: style_of(name, cfg.styles) for name in names.values()}
-    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache))
+    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache, codec))
 
     splits = meta["splits"]
     seconds = sum(s["frames"] for s in splits.values()) / codec.frame_rate
@@ -136,7 +138,7 @@ def prepare_tokens(cfg, paths, skipped):
               "evaluate on")
 
 
-def encode(todo, codec, cache, device, processes):
+def encode(todo, codec, cache, stamps, device, processes):
     """Encode the files in todo into their cache files: here, in worker processes (--workers) or
     across torchrun's processes, each a share of about equal length. Returns the Progress, which
     holds what the encoding found (files skipped, silent files, seconds encoded)."""
@@ -147,11 +149,11 @@ def encode(todo, codec, cache, device, processes):
     own = sum(seconds[path] for path in shares[0]) if "RANK" in os.environ else total
     progress = Progress(total, scale=total / own if own else 1.0, show=bool(todo))
     if "RANK" in os.environ:
-        encode_across_ranks(shares, codec, cache, progress)
+        encode_across_ranks(shares, codec, cache, stamps, progress)
     elif processes > 1:
-        encode_in_workers(shares, codec, cache, device, progress)
+        encode_in_workers(shares, codec, cache, stamps, device, progress)
     else:
-        encode_files(shares[0], codec, cache, progress)
+        encode_files(shares[0], codec, cache, stamps, progress)
     progress.close()
     return progress
 
@@ -196,7 +198,8 @@ def threads_per_process(processes):
 
 
 def cache_files(cache_dir, paths, codec, skipped):
-    """{path: its cache file} for the files that can be read; the others are added to skipped."""
+    """{path: its cache file} and {path: its file_stamp when it was hashed} for the files that can be
+    read; the others are added to skipped."""
     def one(path):
         try:
             return cache_path(cache_dir, path, codec)
@@ -206,22 +209,65 @@ def cache_files(cache_dir, paths, codec, skipped):
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         found = dict(zip(paths, pool.map(one, paths)))
     skipped += [(path, f"cannot read file ({e.strerror})") for path, e in found.items() if isinstance(e, OSError)]
-    return {path: cached for path, cached in found.items() if isinstance(cached, str)}
+    hashed = {path: result for path, result in found.items() if not isinstance(result, OSError)}
+    return {path: cached for path, (cached, _) in hashed.items()}, {path: stamp for path, (_, stamp) in hashed.items()}
 
 
 def cache_path(cache_dir, path, codec):
-    """Where a file's codes are cached: named by a hash of the file's size and bytes and what the
-    codes depend on (the codec), not by its name, so a moved, renamed, copied or re-mounted corpus
-    finds its codes. (Copies that are new together are each encoded: one failing for a reason of its
-    own, such as its permissions, then does not take the others with it.) The whole file is hashed:
-    blake2b reads ~760 MB/s per core (an hour of CD-quality FLAC in ~0.5 s), far less than encoding
-    that hour takes; hashing only parts of a file would miss an edit elsewhere that keeps its size
-    (a click removed from a WAV)."""
-    digest = hashlib.blake2b(f"{codec.cache_key}\0{os.path.getsize(path)}\0".encode(), digest_size=16)
+    """Where a file's codes are cached, and the file's stamp (file_stamp) for which that holds. The
+    cache file is named by a hash of the file's size and bytes and what the codes depend on (the
+    codec), not by its name, so a moved, renamed, copied or re-mounted corpus finds its codes.
+    (Copies that are new together are each encoded: one failing for a reason of its own, such as its
+    permissions, then does not take the others with it.) The whole file is hashed: blake2b reads
+    ~760 MB/s per core (an hour of CD-quality FLAC in ~0.5 s), far less than encoding that hour
+    takes; hashing only parts of a file would miss an edit elsewhere that keeps its size (a click
+    removed from a WAV). A file written to while it is hashed raises OSError."""
+    stamp = file_stamp(path)
+    digest = hashlib.blake2b(f"{codec.cache_key}\0{stamp[1]}\0".encode(), digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    return os.path.join(cache_dir, digest.hexdigest() + ".npy")
+    if file_stamp(path) != stamp:
+        raise OSError(errno.EAGAIN, "it changed while it was read", path)
+    return os.path.join(cache_dir, digest.hexdigest() + ".npy"), stamp
+
+
+def file_stamp(path):
+    """What changes whenever a file is written to or replaced: its identity, size, modification and
+    status change times (ctime is set by the system on every write and rename: it cannot be put back)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def load_cached_codes(path, codec):
+    """A cache file's codes, (n_codebooks, frames) uint16, checked: an .npy of that type and shape with
+    every code below codebook_size. Raises ValueError saying what is wrong (OSError if unreadable)."""
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:   # truncated, empty, not an .npy, or pickled objects
+        raise ValueError(f"not a token array ({e})")
+    if codes.dtype != np.uint16 or codes.ndim != 2 or codes.shape[0] != codec.n_codebooks or codes.shape[1] < 1:
+        raise ValueError(f"{codes.dtype} {codes.shape}, not uint16 ({codec.n_codebooks}, frames)")
+    if codes.max() >= codec.codebook_size:
+        raise ValueError(f"code {codes.max()} outside the codebook (0..{codec.codebook_size - 1})")
+    return codes
+
+
+def cached_codes_ok(path, codec):
+    """True when the cache file exists and holds valid codes; a damaged one (a disk error, an edit, a
+    crash of an older version) is removed with one line, and its audio is encoded again."""
+    if not os.path.exists(path):
+        return False
+    try:
+        load_cached_codes(path, codec)
+        return True
+    except (ValueError, OSError) as e:
+        print(f"cache entry {path} is damaged ({e}): encoding its audio again")
+        with writing(path):
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise UserError(f"{path} is a folder, where prepare.py keeps a file's codes: remove it")
+            os.remove(path)
+        return False
 
 
 def deal(paths, seconds, processes):
@@ -261,7 +307,7 @@ class Progress:
         self.bar.close()
 
 
-def encode_files(paths, codec, cache, report):
+def encode_files(paths, codec, cache, stamps, report):
     """Encode each file into its cache file, telling report(event, value) what happens: ("read",
     audio-seconds) as blocks are read, ("skipped", (path, reason)), ("silent", (path, peak)) and
     ("encoded", seconds of the file). A loader thread reads and resamples the next blocks (of this
@@ -301,8 +347,18 @@ def encode_files(paths, codec, cache, report):
             if samples < codec.hop_length:
                 raise AudioError(path, f"shorter than one codec frame ({samples} samples at "
                                        f"{codec.sample_rate} Hz, {codec.hop_length} needed)")
+            # The cache is keyed by a hash of the file's bytes taken before encoding: a file written
+            # to since (or while it was read) would leave codes of other audio under that key for
+            # good. Its stamp must be the one it had when it was hashed: its status change time
+            # changes with every write or rename, even one undone later.
+            if file_stamp(path) != stamps[path]:
+                raise AudioError(path, "changed while it was being prepared: left out of this run; run "
+                                       "prepare.py again once it is written")
         except AudioError as e:
             report("skipped", (path, e.reason))
+            continue
+        except OSError as e:  # gone by the time its stamp was taken again
+            report("skipped", (path, f"changed while it was being prepared ({e.strerror}): left out of this run"))
             continue
         if peak < SILENT_PEAK:
             report("silent", (path, peak))
@@ -310,7 +366,7 @@ def encode_files(paths, codec, cache, report):
         report("encoded", samples / codec.sample_rate)
 
 
-def encode_in_workers(shares, codec, cache, device, progress):
+def encode_in_workers(shares, codec, cache, stamps, device, progress):
     """Encode each share in its own process on one machine (--workers), each with a share of the
     cores (or its own GPU), all reporting to this process's progress through a queue."""
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
@@ -318,7 +374,7 @@ def encode_in_workers(shares, codec, cache, device, progress):
     weights = codec.weights()
     threads = threads_per_process(len(shares))
     workers = [context.Process(target=encode_worker, daemon=True,
-                               args=(share, codec.name, weights, cache, process_device(device, i), threads, events))
+                               args=(share, codec.name, weights, cache, stamps, process_device(device, i), threads, events))
                for i, share in enumerate(shares)]
     try:
         for worker in workers:
@@ -345,12 +401,12 @@ def encode_in_workers(shares, codec, cache, device, progress):
             worker.join()
 
 
-def encode_worker(paths, codec_name, weights, cache, device, threads, events):
+def encode_worker(paths, codec_name, weights, cache, stamps, device, threads, events):
     """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "failed")."""
     torch.set_num_threads(threads)
     try:
         codec = codec_from_weights(codec_name, weights, device)
-        encode_files(paths, codec, cache, lambda event, value: events.put((event, value)))
+        encode_files(paths, codec, cache, stamps, lambda event, value: events.put((event, value)))
         events.put(("done", None))
     except KeyboardInterrupt:  # Ctrl-C reaches every process: the main one reports it
         pass
@@ -358,12 +414,12 @@ def encode_worker(paths, codec_name, weights, cache, device, threads, events):
         events.put(("failed", traceback.format_exc()))
 
 
-def encode_across_ranks(shares, codec, cache, progress):
+def encode_across_ranks(shares, codec, cache, stamps, progress):
     """Under torchrun, on rank 0: send every rank the plan and the codec's weights, encode share 0
     here, then collect the other ranks' reports (see encode_share)."""
     weights = codec.weights()
-    dist.broadcast_object_list([(codec.name, weights, shares, cache)], src=0)
-    encode_files(shares[0], codec, cache, progress)
+    dist.broadcast_object_list([(codec.name, weights, shares, cache, stamps)], src=0)
+    encode_files(shares[0], codec, cache, stamps, progress)
     reports = [None] * dist.get_world_size()
     dist.gather_object([], reports, dst=0)
     for events in reports[1:]:
@@ -377,11 +433,11 @@ def encode_share(cfg):
     send back what happened (all but the reads: rank 0's bar stands for everyone's)."""
     plan = [None]
     dist.broadcast_object_list(plan, src=0)
-    codec_name, weights, shares, cache = plan[0]
+    codec_name, weights, shares, cache, stamps = plan[0]
     rank = dist.get_rank()
     codec = codec_from_weights(codec_name, weights, process_device(cfg.device, int(os.environ["LOCAL_RANK"])))
     events = []
-    encode_files(shares[rank], codec, cache, lambda event, value: event != "read" and events.append((event, value)))
+    encode_files(shares[rank], codec, cache, stamps, lambda event, value: event != "read" and events.append((event, value)))
     dist.gather_object(events, None, dst=0)
 
 
@@ -392,13 +448,18 @@ def save_codes(path, codes):
     atomic_write(path, write)
 
 
-def token_sources(kept, names, split_of, styles, cache):
+def token_sources(kept, names, split_of, styles, cache, codec):
     """For data.write_tokens: per split, each kept file's entry and cached codes, read one at a time."""
     def source(split):
         for path in kept:
             if split_of[names[path]] == split:
                 entry = {"path": names[path], "style": styles[names[path]]}
-                yield entry, np.load(cache[path], allow_pickle=False)
+                try:   # checked again as it is read: only valid codes go into train.bin and val.bin
+                    codes = load_cached_codes(cache[path], codec)
+                except (ValueError, OSError) as e:
+                    raise UserError(f"cache entry {cache[path]} of {path} became unusable while this run "
+                                    f"prepared ({e}): run prepare.py again")
+                yield entry, codes
     return {split: source(split) for split in SPLITS}
 
 

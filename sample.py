@@ -6,8 +6,11 @@ Generate music with a trained model and write it as audio.
     python sample.py --prompt=intro.wav --seconds=20    # continue a recording
     python sample.py --style=jazz,rock --cfg_coef=3     # one piece per style (a model trained with styles)
 
-Writes into sample_dir (default out_dir/samples): sample_000.wav, ... (24 kHz mono), a spectrogram
-PNG per sample, and index.html to listen to them in a browser. The model's shape and codec come
+Each run writes a folder of its own in sample_dir (default out_dir/samples): 001/, 002/, ... with
+sample_000.wav, ... (24 kHz mono), a spectrogram PNG per sample and index.html to listen to them in
+a browser; sample_dir/index.html lists the runs. A run's folder appears only once it is complete
+(it is written under a temporary name), so a page always describes exactly the files beside it,
+and no run overwrites another's samples. The model's shape and codec come
 from the checkpoint; `seconds` is the length of the new music (the prompt comes on top of it).
 Only the end of a long prompt is read (what the model's context continues); a request that cannot
 fit in memory is refused before anything is allocated; one run at a time writes into a sample_dir.
@@ -17,13 +20,17 @@ import math
 import os
 import time
 
+from nanosuno.common import require_dependencies
+
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
+
 import torch
 from tqdm import tqdm
 
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.codec import load_codec
-from nanosuno.common import UserError, atomic_write_bytes, lock_folder, run_cli
+from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.generate import check_sampling, generate, prompt_frames_used
 from nanosuno.hardware import pick_decode_dtype, pick_device
@@ -165,6 +172,24 @@ def write_samples(sample_dir, codes, codec, seed, labels):
     return names
 
 
+def new_run_dir(sample_dir):
+    """sample_dir/NNN for this run: one past the highest run number there (001 for the first)."""
+    runs = [int(entry.name) for entry in os.scandir(sample_dir) if entry.name.isdigit() and entry.is_dir()]
+    return os.path.join(sample_dir, f"{max(runs, default=0) + 1:03d}")
+
+
+def write_runs_index(sample_dir):
+    """sample_dir/index.html: a link to each run's page, newest first."""
+    runs = sorted((e.name for e in os.scandir(sample_dir) if e.name.isdigit() and e.is_dir()), key=int, reverse=True)
+    items = "".join(f'<li><a href="{run}/index.html">run {run}</a>: '
+                    f'{len([f for f in os.listdir(os.path.join(sample_dir, run)) if f.endswith(".wav")])} sample(s), '
+                    f'{time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(os.path.join(sample_dir, run))))}'
+                    f'</li>\n' for run in runs)
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno sample runs</title></head>\n"
+            f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno sample runs</h1>\n<ul>\n{items}</ul>\n</body></html>\n")
+    atomic_write_bytes(os.path.join(sample_dir, "index.html"), page.encode())
+
+
 def write_index(path, names, labels, settings, warning):
     """A static page: the settings used, then each sample's label, player and spectrogram."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
@@ -215,21 +240,24 @@ def main(argv):
                              cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
         steps, t1 = bar.total, time.perf_counter()
         codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
-        names = write_samples(sample_dir, codes, codec, cfg.seed, labels)
-        t2 = time.perf_counter()
-        settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
-                    "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
-                    "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
-                    "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
-                    "style": ", ".join(styles) if styles else "none (unconditional)",
-                    "cfg_coef": cfg.cfg_coef if styles else "-",
-                    "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
-                    "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_index(os.path.join(sample_dir, "index.html"), names, labels, settings, warning)
+        run_dir = new_run_dir(sample_dir)
+        with atomic_folder(run_dir) as folder:   # the run's folder appears complete, or not at all
+            names = write_samples(folder, codes, codec, cfg.seed, labels)
+            t2 = time.perf_counter()
+            settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
+                        "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
+                        "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
+                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
+                        "style": ", ".join(styles) if styles else "none (unconditional)",
+                        "cfg_coef": cfg.cfg_coef if styles else "-",
+                        "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
+                        "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning)
+        write_runs_index(sample_dir)
 
     new_seconds = len(labels) * new_frames / codec.frame_rate
     print(f"wrote {len(names)} x {codes.shape[-1] / codec.frame_rate:.1f} s to "
-          f"{sample_dir}/ ({', '.join(n + '.wav' for n in names[:3])}{', ...' if len(names) > 3 else ''}, spectrograms, "
+          f"{run_dir}/ ({', '.join(n + '.wav' for n in names[:3])}{', ...' if len(names) > 3 else ''}, spectrograms, "
           f"index.html) in {t2 - t0:.1f} s: generation {steps / (t1 - t0):.0f} steps/s, decoding {t2 - t1:.1f} s, "
           f"{new_seconds / (t2 - t0):.1f}x real time")
     if warning:

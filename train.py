@@ -6,7 +6,8 @@ Train the transformer on the token files that prepare.py wrote.
     torchrun --standalone --nproc_per_node=8 train.py config/small.py   # DDP on one node
     python train.py --init_from=out/ckpt.pt --data_dir=mine --out_dir=out-mine   # fine-tune
 
-Writes out_dir/ckpt.pt (resume with --init_from=resume), out_dir/log.jsonl and out_dir/loss.png.
+Writes out_dir/ckpt.pt (the best model: lowest val loss), out_dir/last.pt (the latest evaluation's,
+which --init_from=resume continues), out_dir/log.jsonl and out_dir/loss.png.
 A scratch run refuses an out_dir that holds a checkpoint unless --overwrite=True, and even then
 replaces the old files only once its settings, data and model are checked. One run at a time per
 out_dir (a lock).
@@ -21,6 +22,10 @@ import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+from nanosuno.common import require_dependencies
+
+require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
+
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -29,7 +34,7 @@ from tqdm import tqdm
 from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
-                                 read_checkpoint, save_checkpoint)
+                                 read_checkpoint, save_checkpoint, weights_finite)
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError, atomic_write_bytes, lock_folder, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
@@ -185,11 +190,11 @@ def load_data(cfg, proc):
 def load_start(cfg, proc):
     """The checkpoint this run starts from (None from scratch: init_from is 'scratch', 'resume' or the
     path of a checkpoint to fine-tune), and cfg with that checkpoint's model shape. A shape setting
-    left at its default takes the checkpoint's value; one set to another value is refused."""
+    left unset takes the checkpoint's value; one set to another value (even the default) is refused."""
     if cfg.init_from == "scratch":
         return cfg, None
     if cfg.init_from == "resume":
-        path = checkpoint_path(cfg.out_dir)
+        path = checkpoint_path(cfg.out_dir, last=True)
         ckpt = load_checkpoint(cfg.out_dir, proc.device, resume=True)
     else:
         path = cfg.init_from
@@ -198,7 +203,9 @@ def load_start(cfg, proc):
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
     shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k not in TRAINING_ONLY}
-    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items() if getattr(cfg, k) not in (v, getattr(Config, k))]
+    given = getattr(cfg, "given", frozenset())   # (load_config's: the settings set in a file or on the command line)
+    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items()
+               if getattr(cfg, k) != v and (k in given or getattr(cfg, k) != getattr(Config, k))]
     if changed:
         raise UserError(f"cannot start from {path} with another model shape ({', '.join(changed)}): leave "
                         f"these settings out to use the checkpoint's shape, or start from another checkpoint")
@@ -216,7 +223,9 @@ def build_model(cfg, proc, data, ckpt):
     model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
                   if f.name not in ("codebook_size", "n_styles")}
     model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
-    iter_num, best_val_loss, finetuned_from, path = 0, float("inf"), None, checkpoint_path(cfg.out_dir)
+    iter_num, best_val_loss, finetuned_from = 0, float("inf"), None
+    path = next((p for p in (checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)) if os.path.exists(p)),
+                checkpoint_path(cfg.out_dir, last=True))
     if cfg.init_from != "resume" and os.path.exists(path) and not cfg.overwrite:
         new = "start from scratch" if cfg.init_from == "scratch" else f"fine-tune {cfg.init_from} into it"
         raise UserError(f"{path} exists: continue that run with --init_from=resume, or {new} "
@@ -308,7 +317,7 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
     if master:
         progress = os.path.join(cfg.out_dir, "progress")
         if cfg.init_from != "resume":  # settings, data and model are checked: now replace an old run
-            for old in (log_path, plot_path, checkpoint_path(cfg.out_dir)):
+            for old in (log_path, plot_path, checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)):
                 if os.path.exists(old):
                     os.remove(old)
             shutil.rmtree(progress, ignore_errors=True)
@@ -327,14 +336,13 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
         with writing(log_path), open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def checkpoint(rng):
-        save_checkpoint(cfg.out_dir, {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_args": dataclasses.asdict(raw_model.config), "codec": data.codec, "config": dataclasses.asdict(cfg),
-            "styles": data.styles,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "baselines": data.meta.get("baselines"),
-            "rng": rng, "finetuned_from": finetuned_from,
-        })
+    def checkpoint(val, rng, last):
+        """The latest checkpoint (last: with what resuming needs) or the best one (what sampling needs)."""
+        ckpt = {"model": raw_model.state_dict(), "model_args": dataclasses.asdict(raw_model.config),
+                "codec": data.codec, "config": dataclasses.asdict(cfg), "styles": data.styles,
+                "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val_loss,
+                "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from}
+        save_checkpoint(cfg.out_dir, {**ckpt, "optimizer": optimizer.state_dict(), "rng": rng} if last else ckpt, last)
 
     def progress_sample(codec, iter_num, val_loss):
         """A progress sample (rank 0): the codec is loaded on first use; if it cannot be (the pretrained
@@ -377,11 +385,17 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
             bar.write(eval_line(iter_num, record, meta))
             if cfg.sample_every and ((iter_num // cfg.eval_interval) % cfg.sample_every == 0 or last):
                 progress_codec = progress_sample(progress_codec, iter_num, record.get("val_loss"))
-            improved = val < best_val_loss
-            best_val_loss = min(best_val_loss, val)
-            # the last iteration is always saved (that is what resume continues from)
-            if iter_num > start_iter and (improved or last or cfg.always_save_checkpoint or not data.val):
-                checkpoint(rng)
+            if iter_num > start_iter:   # (the evaluation a run starts with saves nothing, so it is no best)
+                improved = val < best_val_loss
+                best_val_loss = min(best_val_loss, val)
+                if not weights_finite(raw_model.state_dict()):  # nothing to save, nothing to train on
+                    raise UserError(
+                        f"training diverged at iteration {iter_num}: the weights hold NaN or inf, so nothing was "
+                        f"saved ({checkpoint_path(cfg.out_dir)} keeps the best model so far, val {best_val_loss:.4f}); "
+                        f"lower --learning_rate and --muon_lr, or raise --warmup_iters")
+                checkpoint(val, rng, last=True)   # every evaluation: what resume continues from
+                if improved or cfg.always_save_checkpoint or not data.val:
+                    checkpoint(val, rng, last=False)
         if last:
             break
 
@@ -409,7 +423,8 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
         steps = (iter_num - start_iter) * steps_per_iter
         print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
               f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
-              f"checkpoint {checkpoint_path(cfg.out_dir)}, log {log_path}, plot {plot_path}")
+              f"best model {checkpoint_path(cfg.out_dir)} (val {best_val_loss:.4f}), latest "
+              f"{checkpoint_path(cfg.out_dir, last=True)}, log {log_path}, plot {plot_path}")
 
 
 def main(argv):

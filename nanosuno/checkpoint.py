@@ -1,6 +1,12 @@
 """
-Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights_only=True
-(plain tensors, numbers, strings, lists and dicts: no pickled code can run on load).
+Checkpoints: two files in out_dir, each written atomically and read with weights_only=True (plain
+tensors, numbers, strings, lists and dicts: no pickled code can run on load):
+
+    ckpt.pt   the best model so far (lowest val loss): what sample.py and fine-tuning use
+    last.pt   the latest evaluation's, with the optimizer and random states: what --init_from=resume
+              continues (a run that diverges never replaces ckpt.pt with worse weights)
+
+Each holds:
 
     model            state_dict of GPT
     optimizer        state_dict of AdamW
@@ -8,42 +14,57 @@ Checkpoints: one file, out_dir/ckpt.pt, written atomically and read with weights
     codec            Codec.info(): {name, sample_rate, frame_rate, bandwidth, n_codebooks, codebook_size}
     config           the Config the run was started with (for reference)
     styles           the style names the model learned (style id i = styles[i]); [] or absent: none
-    iter_num, best_val_loss
+    iter_num, val_loss   the iteration of these weights and their val loss (train loss without a val split)
+    best_val_loss        the lowest val loss of the run so far
     rng              one dict per training process (rank r's at r): {torch: ByteTensor, cuda: ByteTensor or
                      None, batches: ByteTensor (the batch sampler's generator)}
     finetuned_from   {path, iter_num} of the checkpoint a fine-tuning run started from, or None
 
-The structure is checked on load (check_structure): a valid torch file of another structure ends
-in one line, not in a KeyError deep inside train.py or sample.py.
+The structure is checked on load (check_structure): a valid torch file of another structure, or
+weights that are NaN or inf, end in one line, not in a KeyError deep inside train.py or sample.py.
 """
 import dataclasses
 import os
 
 import torch
 
+from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write
 from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
 
-CKPT_NAME = "ckpt.pt"
+CKPT_NAME = "ckpt.pt"   # the best model
+LAST_NAME = "last.pt"   # the latest, for resuming
 
 
-def checkpoint_path(out_dir):
-    return os.path.join(out_dir, CKPT_NAME)
+def checkpoint_path(out_dir, last=False):
+    return os.path.join(out_dir, LAST_NAME if last else CKPT_NAME)
 
 
-def save_checkpoint(out_dir, ckpt):
+def save_checkpoint(out_dir, ckpt, last=False):
+    """Write out_dir's best (ckpt.pt) or, with last, latest (last.pt) checkpoint. Weights that are NaN
+    or inf are never written: they would replace a good model with one that cannot be used."""
+    if not weights_finite(ckpt["model"]):
+        raise ValueError("refusing to save a checkpoint whose weights hold NaN or inf")
     os.makedirs(out_dir, exist_ok=True)
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: a full disk is then an OSError, not torch's RuntimeError
             torch.save(ckpt, f)
-    atomic_write(checkpoint_path(out_dir), write)
+    atomic_write(checkpoint_path(out_dir, last), write)
+
+
+def weights_finite(state):
+    """True when every floating-point tensor of a state dict is finite."""
+    return all(torch.isfinite(v).all() for v in state.values() if torch.is_floating_point(v))
 
 
 def load_checkpoint(out_dir, device="cpu", resume=False):
-    """out_dir's checkpoint, its structure checked (resume: with the optimizer and random states)."""
-    path = checkpoint_path(out_dir)
+    """out_dir's best checkpoint, or with resume its latest (with the optimizer and random states),
+    its structure checked. (A run from before last.pt existed kept its latest in ckpt.pt.)"""
+    path = checkpoint_path(out_dir, last=resume)
+    if resume and not os.path.exists(path):
+        path = checkpoint_path(out_dir)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py config/tiny.py --out_dir={out_dir})")
     return read_checkpoint(path, device, resume)
@@ -73,6 +94,10 @@ def check_structure(ckpt, resume=False):
             return f"no {key} of type {kind.__name__}"
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
         return "model holds something else than named tensors"
+    if not weights_finite(ckpt["model"]):
+        return "its weights hold NaN or inf: the run that wrote it diverged"
+    if "val_loss" in ckpt and not isinstance(ckpt["val_loss"], float):
+        return "val_loss is not a number"
     args = ckpt["model_args"]
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     if not set(args) <= fields or not has(args, "codebook_size", int) or args["codebook_size"] < 1:
@@ -90,6 +115,12 @@ def check_structure(ckpt, resume=False):
                       ("n_codebooks", int), ("codebook_size", int)):
         if not has(ckpt["codec"], key, kind):
             return f"codec has no {key}"
+    problem = check_codec_info(ckpt["codec"])
+    if problem:
+        return problem
+    if (ckpt["codec"]["codebook_size"], ckpt["codec"]["n_codebooks"]) != (args["codebook_size"], args.get("n_codebooks")):
+        return (f"its model has {args.get('n_codebooks')!r} codebooks of {args['codebook_size']} codes, its codec "
+                f"{ckpt['codec']['n_codebooks']} of {ckpt['codec']['codebook_size']}")
     if resume:
         # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
         states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]

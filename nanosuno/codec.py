@@ -45,6 +45,26 @@ CODES_VERSION = 3       # bump when the codes of given audio change (windows, pa
                         # weights, 1x1 convolutions): prepare's token cache is keyed by it
 
 
+# The shape of every codec's tokens here (Encodec 24 kHz at 6 kbps): what meta.json and checkpoints
+# must say of theirs (check_codec_info), with n_codebooks the number modelled, 1..8.
+CODEC_SHAPE = {"sample_rate": 24000, "frame_rate": 75, "bandwidth": 6.0, "codebook_size": 1024}
+MAX_CODEBOOKS = 8
+KNOWN_CODECS = tuple(name for name in CODEC_NAMES if name != "auto")   # ("auto" picks one of them)
+
+
+def check_codec_info(info):
+    """What is wrong with a codec description read from disk (meta.json, a checkpoint): its name must
+    be a codec this nanosuno has, its numbers those of that codec. None when it is right."""
+    if info.get("name") not in KNOWN_CODECS:
+        return f"codec {info.get('name')!r} is not one of this nanosuno's ({', '.join(KNOWN_CODECS)})"
+    wrong = [f"{key} {info.get(key)!r} (the codec's is {value!r})" for key, value in CODEC_SHAPE.items()
+             if info.get(key) != value or isinstance(info.get(key), bool)]
+    n = info.get("n_codebooks")
+    if type(n) is not int or not 1 <= n <= MAX_CODEBOOKS:
+        wrong.append(f"n_codebooks {n!r} (1..{MAX_CODEBOOKS})")
+    return f"codec {info['name']}: " + ", ".join(wrong) if wrong else None
+
+
 class Codec:
     """An Encodec model with the settings nanosuno uses (24 kHz mono, 6 kbps)."""
 

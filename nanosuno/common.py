@@ -5,10 +5,33 @@ one line on a full disk), the one-run-per-folder lock, and OpenMP's waiting poli
 import contextlib
 import errno
 import fcntl
+import importlib.metadata
 import os
 import re
 import secrets
+import shutil
 import sys
+
+
+def require_dependencies():
+    """Import torch, torchaudio and encodec (which imports torchaudio) once, before a command does:
+    when they cannot be loaded together (a torchaudio built for another torch, installed by hand or
+    left in an old venv), end with one line naming the versions found and the fix, exit code 2,
+    instead of a long traceback from deep inside an import."""
+    try:
+        import torch, torchaudio, encodec  # noqa: F401
+    except Exception as e:  # an OSError (undefined symbol), an ImportError, a RuntimeError...
+        found = []
+        for package in ("torch", "torchaudio", "encodec"):
+            try:
+                found.append(f"{package} {importlib.metadata.version(package)}")
+            except importlib.metadata.PackageNotFoundError:
+                found.append(f"{package} not installed")
+        reason = " ".join(str(e).split())[:200]
+        print(f"error: torch, torchaudio and encodec do not load together ({', '.join(found)}; "
+              f"{type(e).__name__}: {reason}): run `make install` (a fresh .venv with the pinned versions "
+              f"of requirements.lock), or `rm -rf .venv && make install` for an old one", file=sys.stderr)
+        sys.exit(2)
 
 
 class UserError(Exception):
@@ -107,6 +130,22 @@ def atomic_write_set(outputs):
 
 
 @contextlib.contextmanager
+def atomic_folder(path):
+    """A new folder that appears at `path` complete or not at all: the `with` block fills the
+    temporary folder it is given, which is renamed to path once the block ends without an error, and
+    removed otherwise (a killed run's is removed by the next remove_stale_temporaries)."""
+    tmp = temp_path(path)
+    with writing(tmp):
+        os.mkdir(tmp)
+    try:
+        yield tmp
+        with writing(path):
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def lock_folder(folder, setting):
     """Hold folder's lock (folder/.lock, created with the folder if needed) for the duration of the
     `with`, so that two runs never write the same files; `setting` names the folder's setting for
@@ -137,13 +176,16 @@ def lock_folder(folder, setting):
 
 
 def remove_stale_temporaries(folder):
-    """Remove the temporary files (name.tmp-PID-...) that killed runs left in folder (not in its
-    subfolders). Call it holding the folder's lock: every writer there holds that lock, so each
-    temporary file found is older than the lock, left by a run that has ended."""
+    """Remove the temporary files and folders (name.tmp-PID-...) that killed runs left in folder (not
+    in its other subfolders). Call it holding the folder's lock: every writer there holds that lock,
+    so each temporary found is older than the lock, left by a run that has ended."""
     for entry in os.scandir(folder):
-        if TEMPORARY.search(entry.name) and entry.is_file(follow_symlinks=False):
+        if TEMPORARY.search(entry.name):
             with contextlib.suppress(OSError):
-                os.remove(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
 
 
 def passive_openmp():

@@ -76,7 +76,7 @@ class Config:
     eval_iters: int = 20
     log_interval: int = 10
     sample_every: int = 1               # write a short progress sample every this many evaluations (0 = off)
-    always_save_checkpoint: bool = False  # save at every eval even if val loss did not improve
+    always_save_checkpoint: bool = False  # ckpt.pt follows every evaluation even if val did not improve (last.pt always does)
     cfg_dropout: float = 0.2            # with styles: share of training windows shown as "no style"
     # --- system -----------------------------------------------------------------------------
     device: str = "auto"                # auto = cuda, then mps, then cpu
@@ -271,7 +271,8 @@ def load_config(argv=(), **overrides):
         settings[key] = check_value(key, value)
     cfg = Config(**settings)
     check_together(dataclasses.asdict(cfg))
-    return cfg
+    cfg.given = frozenset(settings)   # the settings set on purpose (not a setting itself): a default
+    return cfg                        # value given explicitly still means "this value"
 
 
 def settings_help():

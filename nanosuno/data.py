@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from nanosuno.baselines import NAMES, baseline_losses
+from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write_set
 from nanosuno.pattern import delay_interleave
 
-META_VERSION = 3          # 2: each split records its .bin's size and fingerprint; 3: styles
+META_VERSION = 4          # 2: each split records its .bin's size and fingerprint; 3: styles; 4: the
+                          # fingerprint hashes all of the .bin (it sampled 17 blocks)
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
 
@@ -109,6 +111,9 @@ def check_meta(meta):
     for key, low in (("sample_rate", 1), ("frame_rate", 1), ("n_codebooks", 1), ("codebook_size", 1)):
         if not integer(meta.get(key), low):
             return f"{key} is {meta.get(key)!r}, not an integer >= {low}"
+    problem = check_codec_info(codec_info(meta, meta["n_codebooks"]))
+    if problem:
+        return problem
     if meta["codebook_size"] > np.iinfo(TOKEN_DTYPE).max + 1:
         return f"codebook_size {meta['codebook_size']} does not fit the token type {meta.get('dtype')}"
     if not isinstance(meta.get("codec"), str) or meta.get("dtype") != "uint16":
@@ -144,22 +149,24 @@ def check_meta(meta):
     return None
 
 
-def fingerprint(f):
-    """A short fingerprint of an open token file's contents: its size and 17 evenly spaced 4 KiB
-    blocks. Cheap on any size, and two token files of the same length differ in it as good as
-    surely (codes of different audio or codecs differ everywhere)."""
-    size = os.fstat(f.fileno()).st_size
-    digest = hashlib.sha256(str(size).encode())
-    for i in range(17):
-        f.seek(i * max(0, size - 4096) // 16)
-        digest.update(f.read(4096))
-    return digest.hexdigest()[:16]
+def scan(f):
+    """(fingerprint, largest code) of an open token file: a hash of all its bytes, and the largest
+    value in it (-1 when empty). One pass in 4 MiB blocks, ~1 s per GB: cheap next to training on it,
+    and nothing in it goes unchecked (a damaged block anywhere changes the hash; a code outside the
+    codebook would index past the embedding table)."""
+    digest, largest = hashlib.blake2b(digest_size=16), -1
+    f.seek(0)
+    while block := f.read(1 << 22):
+        digest.update(block)
+        codes = np.frombuffer(block[:len(block) - len(block) % 2], dtype=TOKEN_DTYPE)
+        largest = max(largest, int(codes.max())) if codes.size else largest
+    return digest.hexdigest(), largest
 
 
 def open_split(data_dir, meta, split):
     """Memory-map a split as [frames, n_codebooks] uint16 (None when the split is empty), after
-    checking that the .bin is the one meta.json describes (size and fingerprint of the very file
-    mapped)."""
+    checking that the .bin is the one meta.json describes (size and fingerprint of all its bytes)
+    and that every code in it lies in the codebook."""
     info = meta["splits"][split]
     if info["frames"] == 0:
         return None
@@ -167,11 +174,14 @@ def open_split(data_dir, meta, split):
     if not os.path.exists(path) or not stat.S_ISREG(os.stat(path).st_mode):
         raise UserError(f"{path} is missing or not a file: run prepare.py again")
     with open(path, "rb") as f:
-        size, found = os.fstat(f.fileno()).st_size, fingerprint(f)
+        size, (found, largest) = os.fstat(f.fileno()).st_size, scan(f)
         if size != info["bytes"] or found != info["fingerprint"]:
             raise UserError(f"{path} ({size} bytes) is not the file that meta.json describes ({info['bytes']} "
                             f"bytes{', other contents' if size == info['bytes'] else ''}): a prepare.py run was "
                             f"interrupted or another one wrote it; run prepare.py again")
+        if largest >= meta["codebook_size"]:
+            raise UserError(f"{path} holds code {largest}, outside the codebook of {meta['codebook_size']} codes: "
+                            f"run prepare.py again")
         return np.memmap(f, dtype=TOKEN_DTYPE, mode="r", shape=(info["frames"], meta["n_codebooks"]))
 
 
@@ -283,4 +293,4 @@ def _write_split(path, code_arrays):
             f.write(np.ascontiguousarray(codes.T, dtype=TOKEN_DTYPE).tobytes())
             frames += codes.shape[1]
         f.flush()
-        return {"frames": frames, "bytes": f.tell(), "fingerprint": fingerprint(f)}
+        return {"frames": frames, "bytes": f.tell(), "fingerprint": scan(f)[0]}

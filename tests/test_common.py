@@ -1,6 +1,7 @@
 """nanosuno/common.py: the one-run-per-folder lock, temporary files, sets of files replaced
-together, one line for a full disk; and the tests' own torchrun helper."""
+together, one line for a full disk and for a broken torch install; and the tests' own torchrun helper."""
 import errno
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import fail_writes, hold_lock, run_torchrun
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun
 from nanosuno.common import UserError, atomic_write_set, lock_folder, run_cli, temp_path
 
 
@@ -114,3 +115,21 @@ def test_a_torchrun_that_times_out_leaves_no_worker_running(tmp_path):
     while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("script", ["prepare.py", "train.py", "sample.py", "bench.py"])
+def test_a_torchaudio_that_does_not_load_is_one_line_naming_versions_and_the_fix(tmp_path, script):
+    # a torchaudio built for another torch fails at import with an OSError from its .so
+    fake = tmp_path / "torchaudio"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise OSError('libtorchaudio.so: undefined symbol: torch_exception_get_what_without_backtrace')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = [script, "sample"] if script == "bench.py" else [script]
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: torch, torchaudio and encodec do not load together")
+    assert f"torch {importlib.metadata.version('torch')}" in lines[0]
+    assert "undefined symbol" in lines[0] and "make install" in lines[0]

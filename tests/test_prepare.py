@@ -22,10 +22,10 @@ from nanosuno import audio, demo
 from nanosuno.audio import AudioError, find_audio_files, iter_audio_blocks, load_audio, save_wav
 from nanosuno.codec import Codec
 from nanosuno.common import UserError
-from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta
+from nanosuno.data import TOKEN_DTYPE, assign_splits, open_split, read_meta, scan
 
 import prepare  # a script at the repository's top level (conftest.py puts it on sys.path)
-from conftest import ROOT, fail_writes, hold_lock, run_torchrun
+from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
 
 
 def music(seconds, rate, channels=1, index=0):
@@ -469,7 +469,11 @@ def edit_bytes(path, change):
     (lambda m: m["splits"]["train"]["files"][0].update(style=5), "file train_0.wav: style 5 is not a name or null"),
     (lambda m: m["splits"]["val"]["files"][0].pop("style"), "file val_0.wav: style '(none)' is not a name"),
     (lambda m: m.update(styles=[{"name": "jazz", "frames": 400}]), "are not its files' styles with their frames"),
-    (lambda m: m.update(format_version=2), "has format version 2, this nanosuno reads version 3"),
+    (lambda m: m.update(format_version=3), "has format version 3, this nanosuno reads version 4"),
+    (lambda m: m.update(frame_rate=0), "frame_rate is 0, not an integer >= 1"),
+    (lambda m: m.update(frame_rate=50), "codec untrained: frame_rate 50 (the codec's is 75)"),
+    (lambda m: m.update(codebook_size=2000), "codec untrained: codebook_size 2000 (the codec's is 1024)"),
+    (lambda m: m.update(codec="mystery"), "codec 'mystery' is not one of this nanosuno's (encodec_24khz, untrained"),
 ])
 def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
     edit_json(os.path.join(token_corpus, "meta.json"), damage)
@@ -486,6 +490,25 @@ def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
 def test_token_files_are_checked_against_meta_json(token_corpus, damage, expected):
     edit_bytes(os.path.join(token_corpus, "train.bin"), damage)
     with pytest.raises(UserError, match=expected + ".*run prepare.py again"):
+        open_split(token_corpus, read_meta(token_corpus), "train")
+
+
+@pytest.mark.parametrize("fill", [b"\xff", b"\x00"])
+def test_every_byte_of_a_token_file_is_checked(tmp_path, fill):
+    """8 KiB overwritten far from the file's start and end, between any few blocks a sample of the
+    file would read: codes past the codebook would crash training, zeros would be trained on."""
+    write_token_corpus(tmp_path, file_frames=[40000], val_file_frames=[100])
+    edit_bytes(tmp_path / "train.bin", lambda b: b[:405632] + fill * 8192 + b[413824:])
+    with pytest.raises(UserError, match=r"\(640000 bytes, other contents\).*run prepare.py again"):
+        open_split(tmp_path, read_meta(tmp_path), "train")
+
+
+def test_codes_outside_the_codebook_are_refused_even_when_meta_json_agrees(token_corpus):
+    path = os.path.join(token_corpus, "train.bin")
+    edit_bytes(path, lambda b: b[:100] + b"\xff\x07" + b[102:])   # code 2047
+    with open(path, "rb") as f:
+        edit_json(os.path.join(token_corpus, "meta.json"), lambda m: m["splits"]["train"].update(fingerprint=scan(f)[0]))
+    with pytest.raises(UserError, match=r"train.bin holds code 2047, outside the codebook of 1024 codes: run prepare.py again"):
         open_split(token_corpus, read_meta(token_corpus), "train")
 
 
@@ -571,3 +594,55 @@ def test_save_wav(tmp_path):
     data, rate = sf.read(tmp_path / "float.wav", dtype="float32")
     assert rate == 48000 and np.array_equal(data, stereo.numpy().T)
     assert sorted(os.listdir(tmp_path)) == ["float.wav", "loud.wav"]  # no temporary files left
+
+
+# --- what the cache trusts ----------------------------------------------------------------------
+
+def test_a_file_changed_while_it_is_prepared_never_poisons_the_cache(tmp_path, capsys, monkeypatch):
+    """b.flac is replaced by other music once it has been hashed, and put back as it was once read:
+    its codes are not cached under its bytes' key (they would be another file's codes for good)."""
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "clean")
+    target = os.path.join(corpus, "b.flac")
+    original, other = open(target, "rb").read(), tmp_path / "other.flac"
+    sf.write(other, music(1.5, 48000, 1, 3), 48000)
+    real_blocks = prepare.iter_audio_blocks
+
+    def blocks_of_a_changing_file(path, sample_rate):
+        if path == target:
+            shutil.copyfile(other, target)              # overwritten in place after it was hashed...
+            yield from real_blocks(path, sample_rate)
+            with open(target, "wb") as f:               # ...and restored once it was read
+                f.write(original)
+        else:
+            yield from real_blocks(path, sample_rate)
+    monkeypatch.setattr(prepare, "iter_audio_blocks", blocks_of_a_changing_file)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "b.flac: changed while it was being prepared: left out of this run" in out
+    assert "prepared 2 file(s)" in out
+    monkeypatch.setattr(prepare, "iter_audio_blocks", real_blocks)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert "2 to encode, 2 cached" in out   # b.flac, and broken.wav is tried again
+    assert read_bytes(tmp_path / "tokens") == read_bytes(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda codes, path: np.save(path, np.where(codes == codes[0, 0], 2000, codes).astype(np.uint16)),
+     r"code 2000 outside the codebook \(0..1023\)"),
+    (lambda codes, path: open(path, "wb").close(), "not a token array"),
+    (lambda codes, path: open(path, "r+b").truncate(100), "not a token array"),
+    (lambda codes, path: np.save(path, codes[:4]), r"uint16 \(4, \d+\), not uint16 \(8, frames\)"),
+    (lambda codes, path: np.save(path, codes.astype(np.int64)), r"int64 \(8, \d+\), not uint16"),
+    (lambda codes, path: np.save(path, np.array([{"a": 1}]), allow_pickle=True), "not a token array"),
+])
+def test_a_damaged_cache_entry_is_encoded_again_with_one_line(tmp_path, capsys, damage, reason):
+    corpus = make_corpus(tmp_path / "wavs")
+    run(capsys, corpus, tmp_path / "tokens")
+    clean = read_bytes(tmp_path / "tokens")
+    cache = tmp_path / "tokens" / "cache"
+    victim = sorted(cache.iterdir())[0]
+    damage(np.load(victim), victim)
+    out = run(capsys, corpus, tmp_path / "tokens")
+    assert re.search(fr"cache entry {re.escape(str(victim))} is damaged \({reason}.*\): encoding its audio again", out), out
+    assert "2 to encode, 2 cached" in out   # the damaged one, and broken.wav is tried again
+    assert read_bytes(tmp_path / "tokens") == clean

@@ -44,8 +44,14 @@ def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None, st
 
 
 def run_sample(out_dir, *args):
+    """Run sample.py; returns the folder the run wrote (the newest in its sample_dir)."""
     sample.main([f"--out_dir={out_dir}", "--device=cpu", *args])
-    return os.path.join(out_dir, "samples")
+    sample_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--sample_dir=")), os.path.join(out_dir, "samples"))
+    return latest_run(sample_dir)
+
+
+def latest_run(sample_dir):
+    return os.path.join(sample_dir, max((n for n in os.listdir(sample_dir) if n.isdigit()), key=int))
 
 
 def reference_greedy(model, frames, prompt=None, context_stride=0.25, style=None, cfg_coef=None):
@@ -231,7 +237,7 @@ def test_styles_through_sample_py(tmp_path, codec):
     assert labels == ["style b, cfg_coef 2.5"] * 2 + ["style a, cfg_coef 2.5"] * 2
     assert "<th>style</th><td>b, a</td>" in page and "<th>cfg_coef</th><td>2.5</td>" in page
     run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'plain'}")   # no style: unconditional
-    assert "<p>no style (unconditional)</p>" in open(tmp_path / "plain" / "index.html").read()
+    assert "<p>no style (unconditional)</p>" in open(os.path.join(latest_run(tmp_path / "plain"), "index.html")).read()
     with pytest.raises(UserError, match="unknown style 'c': .*ckpt.pt knows a, b"):
         run_sample(out_dir, "--style=a,c", f"--sample_dir={tmp_path / 'none'}")
     assert not os.path.exists(tmp_path / "none")
@@ -259,7 +265,7 @@ def test_prompt_continuation_through_sample_py(tmp_path, codec):
     assert abs(len(audio) - (kept_frames * 320 + 0.4 * 24000)) <= 320      # prompt (cut) + continuation
     sample_dir = run_sample(out_dir, f"--prompt={tmp_path / 'prompt.wav'}", "--seconds=0.4", "--top_k=10",
                             "--keep_prompt=False", f"--sample_dir={tmp_path / 'b'}")
-    audio, _ = sf.read(tmp_path / "b" / "sample_000.wav")
+    audio, _ = sf.read(os.path.join(latest_run(tmp_path / "b"), "sample_000.wav"))
     assert abs(len(audio) - 0.4 * 24000) <= 320
 
 
@@ -336,9 +342,9 @@ def test_a_full_disk_or_a_running_sample_is_one_line(tmp_path, codec, monkeypatc
         holder.kill()
         holder.wait()
     fail_writes(monkeypatch, "sample_000.png")
-    with pytest.raises(UserError, match=f"^no space left on {tmp_path / 'out' / 'samples'}$"):
+    with pytest.raises(UserError, match=f"^no space left on {tmp_path / 'out' / 'samples' / '001'}"):
         run_sample(out_dir, "--seconds=0.2")
-    assert sorted(os.listdir(tmp_path / "out" / "samples")) == [".lock", "sample_000.wav"]   # no temporaries
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == [".lock"]   # no half-written run, no temporaries
 
 
 def test_error_no_checkpoint(tmp_path):
@@ -388,3 +394,32 @@ def test_on_cuda_the_memory_check_weighs_the_gpu_and_the_host_apart(monkeypatch)
     assert re.search(r"of memory \(codes, decoded audio\), more than the 0.0 GiB available: at most about ", refusal(check))
     monkeypatch.setattr(sample, "available_memory", lambda device=None: 2 ** 40)
     check()
+
+
+def test_each_run_writes_a_complete_folder_of_its_own(tmp_path, codec, monkeypatch):
+    """An interrupted run leaves nothing beside earlier samples; a finished one overwrites none of
+    them; every page describes exactly the files beside it."""
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
+    first = run_sample(out_dir, "--seconds=0.2", "--num_samples=2")
+    before = {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)}
+    real_save_wav = sample.save_wav
+
+    def interrupted(path, *args):   # Ctrl-C once the first WAV of the second run is written
+        real_save_wav(path, *args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "save_wav", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(out_dir, "--seconds=0.2", "--num_samples=3", "--seed=5")
+    monkeypatch.undo()
+    samples = os.path.join(out_dir, "samples")
+    assert sorted(os.listdir(samples)) == [".lock", "001", "index.html"]
+    third = run_sample(out_dir, "--seconds=0.2", "--num_samples=1", "--seed=6")
+    assert os.path.basename(third) == "002"
+    assert {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)} == before
+    for run, n in ((first, 2), (third, 1)):
+        page = open(os.path.join(run, "index.html")).read()
+        wavs = sorted(f for f in os.listdir(run) if f.endswith(".wav"))
+        assert wavs == [f"sample_{i:03d}.wav" for i in range(n)]
+        assert sorted(re.findall(r'src="(sample_\d+\.wav)"', page)) == wavs
+    runs = open(os.path.join(samples, "index.html")).read()
+    assert re.findall(r'href="(\d+)/index.html"', runs) == ["002", "001"]   # newest first

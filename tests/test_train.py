@@ -28,8 +28,9 @@ def run(data_dir, out_dir, *extra):
     train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *extra])
 
 
-def load(out_dir):
-    return torch.load(checkpoint_path(out_dir), weights_only=True)
+def load(out_dir, last=False):
+    """out_dir's best checkpoint (ckpt.pt) or, with last, its latest (last.pt: what resume continues)."""
+    return torch.load(checkpoint_path(out_dir, last), weights_only=True)
 
 
 def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
@@ -44,8 +45,10 @@ def test_loss_falls_and_outputs_are_written(token_corpus, tmp_path):
     assert len(evals[-1]["val_codebook_losses"]) == 8
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in steps)
     assert (out / "loss.png").stat().st_size > 10_000
-    ckpt = load(out)
+    ckpt = load(out, last=True)
     assert ckpt["iter_num"] == 40 and ckpt["codec"]["name"] == "untrained"
+    best = min((r for r in evals if r["iter"] > 0), key=lambda r: r["val_loss"])
+    assert (load(out)["iter_num"], load(out)["val_loss"]) == (best["iter"], best["val_loss"])
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["codec"]["n_codebooks"] == 8
     assert not [f for f in os.listdir(out) if ".tmp" in f]    # atomic writes leave no temporaries
 
@@ -91,7 +94,7 @@ def test_resume_is_exact(tmp_path):
     run(data, tmp_path / "split", "--max_iters=6", *common)
     run(data, tmp_path / "split", "--max_iters=12", "--init_from=resume", *common)
     run(data, tmp_path / "whole", "--max_iters=12", *common)
-    split, whole = load(tmp_path / "split"), load(tmp_path / "whole")
+    split, whole = load(tmp_path / "split", last=True), load(tmp_path / "whole", last=True)
     assert whole["styles"] == ["a", "b"] and whole["model"]["style_emb.weight"].shape == (3, 32)
     assert split["iter_num"] == whole["iter_num"] == 12
     for name, tensor in whole["model"].items():
@@ -106,7 +109,7 @@ def test_a_style_steers_generation(tmp_path):
     the lower half of the codebook) and "high" (the mirror image), a tiny model trained briefly. Codes
     generated in each style are closer to that style's per-codebook code statistics than to the
     other's (unigram KL), and cfg_coef 3 separates the two further than 1 (plain conditional)."""
-    V, K = 32, 2
+    V, K = 32, 2   # codes drawn from the first V of the codec's 1024
     rng = np.random.default_rng(0)
     styles = ["high"] * 3 + ["low"] * 3 + ["high", "low"]    # 3 train files each, then a val file each
     train_codes = {"high": [], "low": []}
@@ -119,8 +122,7 @@ def test_a_style_steers_generation(tmp_path):
         if split == "train":
             train_codes[style].append(codes.T)
         return codes
-    write_token_corpus(tmp_path / "tokens", [300] * 6, [100] * 2, n_codebooks=K, codebook_size=V, codes_of=piece,
-                       styles=styles)
+    write_token_corpus(tmp_path / "tokens", [300] * 6, [100] * 2, n_codebooks=K, codes_of=piece, styles=styles)
     run(tmp_path / "tokens", tmp_path / "out", "--n_codebooks=2", "--n_layer=1", "--block_size=16", "--batch_size=16",
         "--learning_rate=1e-2", "--min_lr=1e-3", "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=60")
     ckpt = load_checkpoint(tmp_path / "out")
@@ -267,10 +269,10 @@ def test_two_process_resume_is_exact(token_corpus, tmp_path):
     common = ["--eval_interval=1000", "--dropout=0.1", "--gradient_accumulation_steps=2"]
     out = torchrun(token_corpus, tmp_path / "whole", "--max_iters=6", *common)
     assert "2 process(es)" in out
-    assert sorted(f for f in os.listdir(tmp_path / "whole") if f.endswith(".pt")) == ["ckpt.pt"]
+    assert sorted(f for f in os.listdir(tmp_path / "whole") if f.endswith(".pt")) == ["ckpt.pt", "last.pt"]
     torchrun(token_corpus, tmp_path / "split", "--max_iters=3", *common)
     torchrun(token_corpus, tmp_path / "split", "--max_iters=6", "--init_from=resume", *common)
-    split, whole = load(tmp_path / "split"), load(tmp_path / "whole")
+    split, whole = load(tmp_path / "split", last=True), load(tmp_path / "whole", last=True)
     assert split["iter_num"] == whole["iter_num"] == 6
     for name, tensor in whole["model"].items():
         assert torch.equal(split["model"][name], tensor), name
@@ -280,13 +282,13 @@ def test_two_process_resume_is_exact(token_corpus, tmp_path):
 def test_resume_with_another_number_of_processes_says_so(token_corpus, tmp_path, capsys):
     out = tmp_path / "out"
     run(token_corpus, out, "--max_iters=2", "--eval_interval=1000")
-    ckpt = load(out)
+    ckpt = load(out, last=True)
     ckpt["rng"] = ckpt["rng"] * 2  # as if two processes had written it
-    torch.save(ckpt, checkpoint_path(out))
+    torch.save(ckpt, checkpoint_path(out, last=True))
     run(token_corpus, out, "--max_iters=4", "--init_from=resume", "--eval_interval=1000")
     assert "written by 2 process(es), this run has 1: random batches and dropout go on from fresh seeds" in \
         capsys.readouterr().out
-    assert load(out)["iter_num"] == 4
+    assert load(out, last=True)["iter_num"] == 4
 
 
 def test_finetuning_learns_a_new_corpus_faster_than_scratch(tmp_path, capsys):
@@ -319,6 +321,12 @@ def test_finetuning_refuses_a_missing_file_another_codec_or_shape(token_corpus, 
         run(token_corpus, tmp_path / "new", f"--init_from={tmp_path / 'missing.pt'}")
     with pytest.raises(UserError, match="another model shape .*n_layer 2 -> 3, n_embd 32 -> 48"):
         run(token_corpus, tmp_path / "new", f"--init_from={pretrained}", "--n_layer=3", "--n_embd=48")
+    # a shape setting given on purpose is refused even at its default value (n_codebooks=8 here)
+    run(token_corpus, tmp_path / "four", "--max_iters=1", "--eval_interval=1000", "--n_codebooks=4")
+    with pytest.raises(UserError, match="another model shape .*n_codebooks 4 -> 8"):
+        run(token_corpus, tmp_path / "new", f"--init_from={checkpoint_path(tmp_path / 'four')}", "--n_codebooks=8")
+    run(token_corpus, tmp_path / "tuned", f"--init_from={checkpoint_path(tmp_path / 'four')}", "--max_iters=1")
+    assert load(tmp_path / "tuned", last=True)["model_args"]["n_codebooks"] == 4   # left unset: the checkpoint's
     other = tmp_path / "other"
     write_token_corpus(other, file_frames=[400], codec="encodec_24khz")
     with pytest.raises(UserError, match="codec mismatch: the checkpoint .*ckpt.pt uses untrained"):
@@ -381,7 +389,7 @@ def test_a_scratch_run_never_replaces_a_checkpoint_unasked(token_corpus, tmp_pat
         run(tmp_path / "nothing", out, "--max_iters=6", "--overwrite=True")
     assert snapshot(out) == before
     run(token_corpus, out, "--max_iters=2", "--eval_interval=1", "--overwrite=True")   # on purpose
-    assert load(out)["iter_num"] == 2
+    assert load(out, last=True)["iter_num"] == 2
     assert [json.loads(line)["iter"] for line in open(out / "log.jsonl") if "train_loss" in line] == [0, 1, 2]
 
 
@@ -417,12 +425,12 @@ def test_out_dir_that_is_a_file_or_cannot_be_written(token_corpus, tmp_path, mon
 
 def test_a_full_disk_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
     data, out = copy_run(trained, tmp_path)
-    before = snapshot(out)["ckpt.pt"]
-    fail_writes(monkeypatch, "ckpt.pt")
+    before = open(out / "last.pt", "rb").read()
+    fail_writes(monkeypatch, "last.pt")   # written at every evaluation
     with pytest.raises(UserError, match=f"^no space left on {out}$"):
         run(data, out, "--max_iters=4", "--eval_interval=1000", "--init_from=resume")
     monkeypatch.undo()
-    assert snapshot(out)["ckpt.pt"] == before and load(out)["iter_num"] == 2
+    assert open(out / "last.pt", "rb").read() == before and load(out, last=True)["iter_num"] == 2
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
@@ -447,7 +455,75 @@ def corrupt(ckpt):
 ])
 def test_a_checkpoint_of_another_structure_is_one_line(trained, tmp_path, kind, message):
     data, out = copy_run(trained, tmp_path)
-    torch.save(corrupt(load(out))[kind], checkpoint_path(out))
+    torch.save(corrupt(load(out, last=True))[kind], checkpoint_path(out, last=True))
     with pytest.raises(UserError, match=message) as e:
         run(data, out, "--max_iters=3", "--init_from=resume")
     assert "\n" not in str(e.value)
+
+
+def test_a_diverging_run_keeps_its_best_model_and_resumes_from_its_latest(token_corpus, tmp_path, monkeypatch):
+    """val goes 8.67, 5.26, 7.66, 5.92, 8.64 (the attack round's diverging run): ckpt.pt keeps the
+    weights that scored 5.26, last.pt the latest, each recording its own val loss and iteration."""
+    scripted = iter([8.67, 5.26, 7.66, 5.92, 8.64])
+    real_evaluate = train.evaluate
+
+    def evaluate(*args):
+        losses = real_evaluate(*args)
+        return {**losses, "val": (next(scripted), losses["val"][1])}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "out"
+    run(token_corpus, out, "--max_iters=8", "--eval_interval=2")
+    best, latest = load(out), load(out, last=True)
+    assert (best["iter_num"], best["val_loss"], best["best_val_loss"]) == (2, 5.26, 5.26)
+    assert (latest["iter_num"], latest["val_loss"], latest["best_val_loss"]) == (8, 8.64, 5.26)
+    assert "optimizer" not in best and "optimizer" in latest
+    assert not all(torch.equal(best["model"][k], v) for k, v in latest["model"].items())
+    # sampling and fine-tuning take the best model; resuming goes on from the latest
+    assert load_checkpoint(str(out))["iter_num"] == 2 and load_checkpoint(str(out), resume=True)["iter_num"] == 8
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    run(token_corpus, out, "--max_iters=10", "--eval_interval=2", "--init_from=resume")
+    assert load(out, last=True)["iter_num"] == 10
+
+
+def test_weights_that_turn_nan_are_never_saved_and_never_loaded(trained, tmp_path, monkeypatch):
+    data, out = copy_run(trained, tmp_path)
+    before = {name: open(out / name, "rb").read() for name in ("ckpt.pt", "last.pt")}
+    real_step = train.train_step
+
+    def step_that_diverges(model, *args):
+        loss = real_step(model, *args)
+        next(model.parameters()).data.fill_(float("nan"))
+        return loss
+    monkeypatch.setattr(train, "train_step", step_that_diverges)
+    with pytest.raises(UserError, match=r"^training diverged at iteration 4: the weights hold NaN or inf, so nothing "
+                                        r"was saved \(.*ckpt.pt keeps the best model so far, val [\d.]+\); lower "
+                                        r"--learning_rate and --muon_lr"):
+        run(data, out, "--max_iters=4", "--eval_interval=1000", "--init_from=resume")
+    assert {name: open(out / name, "rb").read() for name in before} == before
+    # a checkpoint that holds NaN weights anyway (written by another tool) is refused in one line
+    ckpt = load(out)
+    ckpt["model"]["lm_heads.0.weight" if "lm_heads.0.weight" in ckpt["model"] else next(iter(ckpt["model"]))][0, 0] = float("inf")
+    torch.save(ckpt, checkpoint_path(out))
+    monkeypatch.setattr(train, "train_step", real_step)
+    with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(its weights hold NaN or inf: the "
+                                        r"run that wrote it diverged\)") as e:
+        run(data, tmp_path / "finetune", f"--init_from={checkpoint_path(out)}", "--max_iters=4")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="refusing to save a checkpoint whose weights hold NaN or inf"):
+        train.save_checkpoint(str(tmp_path / "new"), ckpt)
+    assert not os.path.exists(tmp_path / "new" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["codec"].update(codebook_size=2048), r"codec untrained: codebook_size 2048 \(the codec's is 1024\)"),
+    (lambda c: c["codec"].update(frame_rate=0), r"codec untrained: frame_rate 0 \(the codec's is 75\)"),
+    (lambda c: c["model_args"].update(codebook_size=512),
+     r"its model has 8 codebooks of 512 codes, its codec 8 of 1024"),
+])
+def test_a_checkpoint_whose_vocabulary_is_not_its_codecs_is_one_line(trained, tmp_path, change, message):
+    data, out = copy_run(trained, tmp_path)
+    ckpt = load(out)
+    change(ckpt)
+    torch.save(ckpt, checkpoint_path(out))
+    with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(" + message):
+        load_checkpoint(str(out))
