@@ -73,6 +73,8 @@ class SpectralCodec:
     name = "spectral"
     sample_rate, hop_length, frame_rate, bandwidth = SAMPLE_RATE, HOP, SAMPLE_RATE // HOP, 6.0
     n_codebooks, codebook_size = N_CODEBOOKS, CODEBOOK_SIZE
+    context = N_FFT // 2 // HOP   # frames of audio before a piece that its first frames' windows reach
+                                  # (sample.py reads that much before a prompt's end, as for Encodec)
 
     def __init__(self, codebooks, device="cpu"):
         self.device = torch.device(device)
