@@ -151,7 +151,7 @@ def test_decode_rejects_bad_codes(codec):
 
 
 def test_unknown_codec_lists_valid_names():
-    with pytest.raises(UserError, match="encodec_24khz, untrained"):
+    with pytest.raises(UserError, match="encodec_24khz, spectral, untrained"):
         load_codec("encodec_48khz")
 
 
