@@ -13,8 +13,10 @@ import sample
 import train
 from nanosuno import demo
 from nanosuno.checkpoint import checkpoint_path
+from nanosuno.codec import codec_from_weights
 from nanosuno.common import UserError
 from nanosuno.data import read_meta
+from nanosuno.spectral import load_spectral
 from test_train import TINY
 
 
@@ -113,3 +115,10 @@ def test_a_checkpoint_with_corrupt_codec_weights_is_one_line(trained, tmp_path):
                                         r"NaN or infinite values") as error:
         sample.main([f"--out_dir={out}", "--device=cpu", "--seconds=1"])
     assert "\n" not in str(error.value)
+
+
+def test_workers_and_torchrun_ranks_rebuild_the_fitted_codec_from_its_weights(prepared):
+    fitted = load_spectral(prepared[0] / "tokens" / "codec.pt")
+    copy = codec_from_weights("spectral", fitted.weights())
+    audio = torch.as_tensor(demo.synth_piece(5, 2.0, 24000))
+    assert copy.cache_key == fitted.cache_key and torch.equal(copy.encode(audio), fitted.encode(audio))
