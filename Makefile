@@ -6,8 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # The demo uses the pretrained Encodec when its weights are on disk (torch hub cache or CODEC_DIR)
-# or can be downloaded, otherwise (with a loud warning) the `untrained` codec, so that it also runs
-# offline. Override with `make demo CODEC=untrained` or
+# or can be downloaded, otherwise (in one line) the `spectral` codec fitted on the demo corpus, so
+# that it also runs offline, with real (lo-fi) audio. Override with `make demo CODEC=spectral` or
 # `make demo CODEC=encodec_24khz CODEC_DIR=/path/to/weights` (an error when the weights are missing).
 CODEC_DIR ?=
 CODEC ?= auto

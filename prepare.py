@@ -7,7 +7,9 @@ Turn a folder of music into the token files that train.py reads:
 
 Every audio file under input_dir (wav, flac, ogg, mp3; any sample rate, any channels) is mixed to
 mono, resampled to 24 kHz and encoded by the codec (None = the pretrained encodec_24khz) into 8
-codebooks x 75 frames per second. Files go to train or val by a hash of their path
+codebooks x 75 frames per second. --codec=spectral (and auto, without the pretrained weights) first
+fits a codec on the train split's files (seeded: the same corpus gives the same codec), stored
+beside the tokens as data_dir/codec.pt. Files go to train or val by a hash of their path
 (data.assign_splits) and end up in data_dir as train.bin, val.bin and meta.json (see data.py):
 a new set replaces the old one only once it is complete, so a failed run leaves the old set usable.
 One run at a time writes into a data_dir (a lock; a second run is told the first one's pid).
@@ -51,13 +53,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanosuno import demo
-from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks
+from nanosuno.audio import AUDIO_EXTENSIONS, AudioError, audio_seconds, find_audio_files, iter_audio_blocks, load_audio
 from nanosuno.codec import codec_from_weights, load_codec
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
 from nanosuno.config import Config, load_config
 from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
 from nanosuno.hardware import pick_device
+from nanosuno.spectral import MAX_FRAMES, SpectralCodec, fit_spectral
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent
 
@@ -97,7 +100,8 @@ def prepare_tokens(cfg, paths, skipped):
     write the token files and report."""
     found = len(paths)
     device = process_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device="cpu" if cfg.workers > 1 else device)
+    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device="cpu" if cfg.workers > 1 else device,
+                       fit=lambda: fit_codec(cfg, paths))
     cache_dir = os.path.join(cfg.data_dir, "cache")
     with writing(cache_dir):
         os.makedirs(cache_dir, exist_ok=True)
@@ -120,10 +124,11 @@ def prepare_tokens(cfg, paths, skipped):
     if not kept:
         raise UserError(f"nothing could be prepared from {cfg.input_dir}: all {found} audio files "
                         f"were skipped (reasons above)")
-    names = {path: os.path.relpath(path, cfg.input_dir).replace(os.sep, "/") for path in kept}
+    names = corpus_names(kept, cfg.input_dir)
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
     styles = {name: style_of(name, cfg.styles) for name in names.values()}
-    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache, codec))
+    meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache, codec),
+                        fitted=codec if codec.name == "spectral" else None)
 
     splits = meta["splits"]
     seconds = sum(s["frames"] for s in splits.values()) / codec.frame_rate
@@ -142,6 +147,40 @@ def prepare_tokens(cfg, paths, skipped):
     if splits["val"]["frames"] == 0:
         print("note: the val split is empty (one file, or val_fraction=0): train.py has nothing to "
               "evaluate on")
+
+
+def corpus_names(paths, input_dir):
+    """{path: its name, the path under input_dir with "/"}: what splits and styles are decided by."""
+    return {path: os.path.relpath(path, input_dir).replace(os.sep, "/") for path in paths}
+
+
+def fit_codec(cfg, paths):
+    """The spectral codec fitted (seeded by cfg.seed) on the train split of the files found. The split
+    is decided as for the tokens (by name), before the unusable files are known: a file that cannot
+    be read is left out here, and reported when encoding skips it."""
+    names = corpus_names(paths, cfg.input_dir)
+    split_of = assign_splits(list(names.values()), cfg.val_fraction)
+    train = [path for path in paths if split_of[names[path]] == "train"]
+    frames = 0
+
+    def waveforms():   # one file in memory at a time
+        nonlocal frames
+        for path in train:
+            try:
+                waveform = load_audio(path, SpectralCodec.sample_rate)
+            except AudioError:
+                continue
+            frames += -(-waveform.numel() // SpectralCodec.hop_length)
+            yield waveform
+    start = time.time()
+    try:
+        codec = fit_spectral(waveforms(), seed=cfg.seed)
+    except ValueError as e:   # too little audio
+        raise UserError(f"cannot fit the spectral codec on the train split of {cfg.input_dir} ({len(train)} "
+                        f"file(s), {frames / SpectralCodec.frame_rate:.1f} s): {e}; add audio, or use another codec")
+    print(f"fitted the spectral codec on the train split ({len(train)} file(s), {frames:,} frames, "
+          f"{min(frames, MAX_FRAMES):,} sampled) in {time.time() - start:.1f} s")
+    return codec
 
 
 def encode(todo, codec, cache, stamps, device, processes):

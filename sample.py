@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
-from nanosuno.codec import load_codec
+from nanosuno.codec import codec_for
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.generate import check_sampling, generate, prompt_frames_used
@@ -223,7 +223,7 @@ def main(argv):
         if styles else ["no style (unconditional)"] * cfg.num_samples
     new_frames = max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
     check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)
-    codec = load_codec(ckpt["codec"]["name"], cfg.codec_dir, device)
+    codec = codec_for(ckpt["codec"], ckpt.get("codec_weights"), cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
     warning = ""
     if codec.name == "untrained":

@@ -35,11 +35,11 @@ from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint, weights_finite)
-from nanosuno.codec import load_codec
+from nanosuno.codec import codec_for
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
 from nanosuno.config import Config, load_config
-from nanosuno.data import Batches, codec_info, read_meta, style_names
+from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
@@ -135,7 +135,8 @@ def setup_processes(cfg):
 
 
 def load_data(cfg, proc):
-    """meta.json, the codec it records, its styles, and batch samplers over the train and val splits."""
+    """meta.json, the codec it records (and its fitted weights, for a codec fitted on the corpus), its
+    styles, and batch samplers over the train and val splits."""
     meta = read_meta(cfg.data_dir)
     if cfg.n_codebooks > meta["n_codebooks"]:
         raise UserError(f"n_codebooks={cfg.n_codebooks} but {cfg.data_dir} holds {meta['n_codebooks']}: "
@@ -150,7 +151,15 @@ def load_data(cfg, proc):
     # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
     baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
     return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
-                           train=train, val=val, baseline=baseline)
+                           codec_weights=read_codec_weights(cfg.data_dir, meta), train=train, val=val,
+                           baseline=baseline)
+
+
+def same_weights(a, b):
+    """True when two codec weights (dicts of tensors, or None) are equal."""
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def load_start(cfg, proc):
@@ -199,6 +208,9 @@ def build_model(cfg, proc, data, ckpt):
     if ckpt:
         resume, source = cfg.init_from == "resume", path if cfg.init_from == "resume" else cfg.init_from
         check_codec(data.codec, ckpt["codec"], f"the checkpoint {source}")
+        if not same_weights(data.codec_weights, ckpt.get("codec_weights")):   # another fit: codes mean other sounds
+            raise UserError(f"codec mismatch: the checkpoint {source} was trained with another fit of the spectral "
+                            f"codec than the one in {cfg.data_dir}: its codes mean other sounds; train from scratch")
         # style id i is row i of the checkpoint's style table: another corpus's styles would get
         # another style's row (or none), so resuming and fine-tuning both need the same style names
         learned = ckpt.get("styles", [])   # (absent before styles existed)
@@ -334,13 +346,15 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
                 "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val_loss,
                 "train_seconds": seconds_before + time.time() - t_start,
                 "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from}
+        if data.codec_weights is not None:   # the fitted codec: sample.py decodes with it, no data_dir needed
+            ckpt["codec_weights"] = data.codec_weights
         save_checkpoint(cfg.out_dir, {**ckpt, "optimizer": optimizer.state_dict(), "rng": rng} if last else ckpt, last)
 
     def progress_sample(codec, iter_num, val_loss):
         """A progress sample (rank 0): the codec is loaded on first use; if it cannot be (the pretrained
         weights missing), say so once and go on training without progress samples."""
         try:
-            codec = codec or load_codec(data.codec["name"], cfg.codec_dir, proc.device)
+            codec = codec or codec_for(data.codec, data.codec_weights, cfg.codec_dir, proc.device)
         except UserError as e:
             bar.write(f"note: no progress samples ({e})")
             return False

@@ -12,6 +12,8 @@ Each holds:
     optimizer        state_dict of AdamW
     model_args       GPTConfig fields (the model's shape lives here, so sample.py never repeats it)
     codec            Codec.info(): {name, sample_rate, frame_rate, bandwidth, n_codebooks, codebook_size}
+    codec_weights    the spectral codec's fitted weights (SpectralCodec.weights()), so that sample.py
+                     decodes without the data_dir it was fitted in; absent for the other codecs
     config           the Config the run was started with (for reference)
     styles           the style names the model learned (style id i = styles[i]); [] or absent: none
     iter_num, val_loss   the iteration of these weights and their val loss (train loss without a val split)
@@ -32,6 +34,7 @@ from nanosuno.codec import check_codec_info
 from nanosuno.common import KeepWriteError, UserError, atomic_write
 from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
+from nanosuno.spectral import spectral_from_weights
 
 CKPT_NAME = "ckpt.pt"   # the best model
 LAST_NAME = "last.pt"   # the latest, for resuming
@@ -134,6 +137,13 @@ def check_structure(ckpt, resume=False):
     if (ckpt["codec"]["codebook_size"], ckpt["codec"]["n_codebooks"]) != (args["codebook_size"], args.get("n_codebooks")):
         return (f"its model has {args.get('n_codebooks')!r} codebooks of {args['codebook_size']} codes, its codec "
                 f"{ckpt['codec']['n_codebooks']} of {ckpt['codec']['codebook_size']}")
+    if (ckpt["codec"]["name"] == "spectral") != ("codec_weights" in ckpt):
+        return "the spectral codec comes with its codec_weights, no other codec does"
+    if "codec_weights" in ckpt:
+        try:
+            spectral_from_weights(ckpt["codec_weights"])
+        except ValueError as e:
+            return f"codec_weights: {e}"
     if resume:
         # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
         states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]

@@ -10,8 +10,10 @@ vector quantisation), each with 1024 entries. Two codecs share that architecture
   untrained      deterministic weights (fixed seed, nothing downloaded) so that tests and offline
                  smoke runs work anywhere. Its tokens are diverse on music, its audio quality is
                  meaningless.
-The name "auto" picks the pretrained codec when its weights can be had, else the untrained one
-with a loud warning (what `make demo` uses).
+A third codec has the same token shape: `spectral` (nanosuno/spectral.py), fitted by prepare.py on
+the corpus it prepares; its fitted weights travel with the tokens (data_dir/codec.pt) and in every
+checkpoint. The name "auto" picks the pretrained codec when its weights can be had, else the
+spectral codec fitted on the corpus (what `make demo` uses).
 
 Long audio is encoded (and decoded) in windows of WINDOW_SECONDS, each preceded by CONTEXT_SECONDS
 of the audio before it, whose codes are thrown away: the 24 kHz Encodec is causal (convolutions
@@ -30,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from nanosuno.common import UserError
+from nanosuno.spectral import spectral_from_weights
 
-CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
+CODEC_NAMES = ("encodec_24khz", "spectral", "untrained", "auto")
 WEIGHTS_FILE = "encodec_24khz-d7cc33bc.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + WEIGHTS_FILE
 WEIGHTS_SHA256 = "d7cc33bc"  # start of the file's sha256, as in its name
@@ -187,15 +190,20 @@ class WeightsUnavailable(UserError):
         self.reason = reason
 
 
-def load_codec(name, codec_dir=None, device="cpu"):
-    """The codec called `name` ("encodec_24khz", "untrained" or "auto") on `device`."""
+def load_codec(name, codec_dir=None, device="cpu", fit=None):
+    """The codec called `name` (one of CODEC_NAMES) on `device`. The spectral codec is not loaded but
+    fitted: `fit()` fits it on the corpus being prepared (prepare.py's; no one else makes one)."""
+    if name in ("spectral", "auto") and fit is None:
+        raise UserError(f"codec {name} may fit the spectral codec on a corpus: only prepare.py does that")
     if name == "auto":
         try:
             return Codec("encodec_24khz", _pretrained_model(codec_dir), device)
-        except WeightsUnavailable as e:  # one loud line instead of the error, then carry on
-            print(f"*** pretrained Encodec unavailable ({e.reason}): using the untrained codec — audio quality "
-                  f"MEANINGLESS ***", file=sys.stderr)
-            return Codec("untrained", _untrained_model(), device)
+        except WeightsUnavailable as e:  # one line instead of the error, then carry on
+            print(f"*** pretrained Encodec unavailable ({e.reason}): using the spectral codec fitted on your "
+                  f"corpus ***", file=sys.stderr)
+            return fit()
+    if name == "spectral":
+        return fit()
     if name == "encodec_24khz":
         model = _pretrained_model(codec_dir)
     elif name == "untrained":
@@ -210,9 +218,22 @@ def load_codec(name, codec_dir=None, device="cpu"):
 def codec_from_weights(name, state, device="cpu"):
     """The codec `name` with the weights `state` (a loaded codec's Codec.weights()): how prepare's
     other processes get the codec the first one loaded, without reading, downloading or fitting it again."""
+    if name == "spectral":
+        return spectral_from_weights(state, device)
     model = _encodec_architecture()
     model.load_state_dict(state)
     return Codec(name, model, device)
+
+
+def codec_for(info, weights=None, codec_dir=None, device="cpu"):
+    """The codec that decodes the tokens `info` describes (meta.json's or a checkpoint's codec): the
+    spectral codec from its fitted `weights` (data_dir/codec.pt's, or the checkpoint's codec_weights,
+    both checked when read), the others by name. What train's progress samples and sample.py use."""
+    if info["name"] != "spectral":
+        return load_codec(info["name"], codec_dir, device)
+    if weights is None:
+        raise UserError("the spectral codec's fitted weights are missing: run prepare.py again")
+    return codec_from_weights("spectral", weights, device)
 
 
 def _hub_dir():
@@ -282,7 +303,7 @@ def _missing_weights(reason):
     raise WeightsUnavailable(f"the pretrained codec needs its weights file {WEIGHTS_FILE} (93 MB), which is "
                              f"{reason}. Download {WEIGHTS_URL} into {_hub_dir()} (torch hub's cache, set by "
                              f"$TORCH_HOME) or into a folder you name with --codec_dir=FOLDER; or run offline "
-                             f"with --codec=untrained (audio quality meaningless)", f"{WEIGHTS_FILE} {reason}")
+                             f"with --codec=spectral (fitted on your corpus: lo-fi, no download)", f"{WEIGHTS_FILE} {reason}")
 
 
 def _untrained_model():

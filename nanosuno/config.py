@@ -43,10 +43,11 @@ class Config:
                                         # (each gets a share of the cores, or a GPU); or use torchrun
     # --- codec ------------------------------------------------------------------------------
     # prepare.py: None = "encodec_24khz" (pretrained; an error when its weights cannot be had);
-    # "untrained" = same architecture, no download, audio quality meaningless; "auto" = the
-    # pretrained codec when its weights are on disk or can be downloaded, else "untrained" with a
-    # loud warning. train/sample: None or "auto" = the codec the data/checkpoint was made with; a
-    # name that differs from it is refused.
+    # "spectral" = a codec fitted on the corpus's train split, no download, lo-fi; "untrained" =
+    # Encodec's architecture, no download, audio quality meaningless (tests, smoke runs); "auto" =
+    # the pretrained codec when its weights are on disk or can be downloaded, else "spectral",
+    # announced in one line. train/sample: None or "auto" = the codec the data/checkpoint was made
+    # with; a name that differs from it is refused.
     codec: typing.Optional[str] = None
     codec_dir: typing.Optional[str] = None  # folder holding encodec_24khz-d7cc33bc.th (default: torch hub cache)
     n_codebooks: int = 8                # codebooks modelled, 1..8 (prepare always stores 8, at 6 kbps)
@@ -110,7 +111,7 @@ class Config:
     cfg_coef: float = 3.0
 
 
-CODEC_NAMES = ("encodec_24khz", "untrained", "auto")
+CODEC_NAMES = ("encodec_24khz", "spectral", "untrained", "auto")
 
 # The valid values of every setting that has limits: (the rule in words, test). Floats must also be
 # finite. check_value applies these to every value given; check_together checks settings that limit

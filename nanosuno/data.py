@@ -34,12 +34,14 @@ import torch
 from nanosuno.baselines import NAMES, baseline_losses
 from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write_set
+from nanosuno.spectral import load_spectral, save_spectral
 from nanosuno.pattern import delay_interleave
 
 META_VERSION = 4          # 2: each split records its .bin's size and fingerprint; 3: styles; 4: the
                           # fingerprint hashes all of the .bin (it sampled 17 blocks)
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
+CODEC_FILE = "codec.pt"   # the fitted spectral codec, beside the tokens it made
 
 
 def new_meta(codec_info):
@@ -52,6 +54,22 @@ def codec_info(meta, n_codebooks):
     """The codec of meta's tokens, as Codec.info(n_codebooks) describes it."""
     info = {k: meta[k] for k in ("sample_rate", "frame_rate", "bandwidth", "codebook_size")}
     return {"name": meta["codec"], **info, "n_codebooks": n_codebooks}
+
+
+def read_codec_weights(data_dir, meta):
+    """The weights of the codec fitted on data_dir's corpus (codec.pt, checked), or None when meta's
+    codec is not one that is fitted (Encodec's weights are had by name)."""
+    if "codec_file" not in meta:
+        return None
+    path = os.path.join(data_dir, meta["codec_file"]["path"])
+    try:
+        codec = load_spectral(path)
+    except ValueError as e:
+        raise UserError(f"{e}: run prepare.py again")
+    if codec.cache_key != meta["codec_file"]["key"]:   # a codec.pt of another run (a crash between renames)
+        raise UserError(f"{path} is not the codec that made the tokens in {data_dir} ({codec.cache_key}, "
+                        f"meta.json says {meta['codec_file']['key']}): run prepare.py again")
+    return codec.weights()
 
 
 def add_baselines(meta, tokens):
@@ -114,6 +132,10 @@ def check_meta(meta):
     problem = check_codec_info(codec_info(meta, meta["n_codebooks"]))
     if problem:
         return problem
+    file = meta.get("codec_file")
+    if (meta["codec"] == "spectral") != (file is not None) or file is not None and not (
+            isinstance(file, dict) and file.get("path") == CODEC_FILE and isinstance(file.get("key"), str)):
+        return f"codec_file {file!r} is not the fitted spectral codec's file (it is there for that codec only)"
     if meta["codebook_size"] > np.iinfo(TOKEN_DTYPE).max + 1:
         return f"codebook_size {meta['codebook_size']} does not fit the token type {meta.get('dtype')}"
     if not isinstance(meta.get("codec"), str) or meta.get("dtype") != "uint16":
@@ -263,14 +285,23 @@ def assign_splits(names, val_fraction):
     return {name: "val" if name in val else "train" for name in names}
 
 
-def write_tokens(data_dir, meta, sources):
+def write_tokens(data_dir, meta, sources, fitted=None):
     """Write train.bin, val.bin and meta.json as one set: all three under temporary names first,
     then renamed, meta.json last (atomic_write_set), so that a failed run leaves the old set valid
-    and a crash between renames is caught by open_split. sources: {split: iterable of (file entry,
-    codes (n_codebooks, frames))}; each entry ({"path": ..., "style": ...}) gets its offset and
-    frames. Holds one file's codes at a time. Returns meta with its splits, styles and baselines
-    filled in."""
+    and a crash between renames is caught by open_split (or read_codec_weights). sources: {split:
+    iterable of (file entry, codes (n_codebooks, frames))}; each entry ({"path": ..., "style": ...})
+    gets its offset and frames. Holds one file's codes at a time. fitted: the spectral codec that
+    made the codes, written to codec.pt in the same set. Returns meta with its splits, styles and
+    baselines filled in."""
     written = {}   # split: its temporary file
+    outputs = []
+    if fitted is not None:
+        meta["codec_file"] = {"path": CODEC_FILE, "key": fitted.cache_key}
+
+        def write_codec(tmp):
+            with open(tmp, "wb") as f:   # a file object: a full disk is an OSError, as for the others
+                save_spectral(fitted, f)
+        outputs.append((os.path.join(data_dir, CODEC_FILE), write_codec))
 
     def split_writer(split):
         def write(tmp):
@@ -292,7 +323,7 @@ def write_tokens(data_dir, meta, sources):
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
             f.write("\n")
-    outputs = [(os.path.join(data_dir, f"{split}.bin"), split_writer(split)) for split in SPLITS]
+    outputs += [(os.path.join(data_dir, f"{split}.bin"), split_writer(split)) for split in SPLITS]
     atomic_write_set(outputs + [(os.path.join(data_dir, "meta.json"), write_meta)])
     return meta
 

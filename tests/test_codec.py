@@ -151,7 +151,7 @@ def test_decode_rejects_bad_codes(codec):
 
 
 def test_unknown_codec_lists_valid_names():
-    with pytest.raises(UserError, match="encodec_24khz, untrained"):
+    with pytest.raises(UserError, match="encodec_24khz, spectral, untrained"):
         load_codec("encodec_48khz")
 
 
@@ -163,7 +163,7 @@ def test_missing_weights_in_codec_dir(tmp_path, monkeypatch):
     with pytest.raises(UserError) as error:
         load_codec("encodec_24khz", codec_dir=str(empty))
     message = str(error.value)
-    for part in (WEIGHTS_FILE, str(empty), "--codec_dir", "--codec=untrained", "hub"):
+    for part in (WEIGHTS_FILE, str(empty), "--codec_dir", "--codec=spectral", "hub"):
         assert part in message
     assert "\n" not in message
     (empty / WEIGHTS_FILE).write_bytes(b"not the weights")

@@ -140,7 +140,7 @@ def test_help_lists_every_setting(capsys):
     ("--device=gpu", "setting 'device' must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
     ("--dtype=float8", "setting 'dtype' must be auto, float32, bfloat16 or float16, got 'float8'"),
     ("--decode_dtype=int4", "setting 'decode_dtype' must be auto, float32, bfloat16 or int8, got 'int4'"),
-    ("--codec=mp3", "setting 'codec' must be None or one of encodec_24khz, untrained, auto, got 'mp3'"),
+    ("--codec=mp3", "setting 'codec' must be None or one of encodec_24khz, spectral, untrained, auto, got 'mp3'"),
     ("--seed=-1", r"setting 'seed' must be in 0..2\*\*32-1, got -1"),
     ("--seconds=0", "setting 'seconds' must be > 0, got 0.0"),
 ])

@@ -438,7 +438,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert result.stderr.strip() == f"error: input_dir {tmp_path / 'missing'} does not exist or is not a folder"
 
 
-def test_codec_auto_falls_back_loudly_when_the_weights_cannot_be_had(tmp_path, capsys, monkeypatch):
+def test_codec_auto_falls_back_to_the_spectral_codec_when_the_weights_cannot_be_had(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: weights on this machine must not count
 
     def offline(url, dst, *args, **kwargs):  # as on a machine without network
@@ -446,14 +446,16 @@ def test_codec_auto_falls_back_loudly_when_the_weights_cannot_be_had(tmp_path, c
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     corpus = tmp_path / "wavs"
     corpus.mkdir()
-    sf.write(corpus / "a.wav", music(1.0, 24000), 24000)
+    sf.write(corpus / "a.wav", music(15.0, 24000), 24000)   # (the spectral codec fits on >= 14 s)
     run_args = [f"--input_dir={corpus}", f"--data_dir={tmp_path / 'tokens'}"]
     prepare.main(run_args + ["--codec=auto"])
     err = capsys.readouterr().err
     loud = [line for line in err.splitlines() if "***" in line or "warning" in line]
-    assert len(loud) == 1 and "pretrained Encodec unavailable (" in loud[0]
-    assert "name resolution" in loud[0] and "using the untrained codec" in loud[0] and "MEANINGLESS" in loud[0]
-    assert read_meta(tmp_path / "tokens")["codec"] == "untrained"
+    assert loud == ["*** pretrained Encodec unavailable (encodec_24khz-d7cc33bc.th not in "
+                    f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}, and downloading it failed: <urlopen error [Errno -3] "
+                    "Temporary failure in name resolution>): using the spectral codec fitted on your corpus ***"]
+    assert read_meta(tmp_path / "tokens")["codec"] == "spectral"
+    assert os.path.isfile(tmp_path / "tokens" / "codec.pt")
     with pytest.raises(UserError, match="downloading it failed: .*name resolution.*--codec_dir") as error:
         prepare.main(run_args + ["--codec=encodec_24khz"])   # named explicitly: no fallback
     assert "\n" not in str(error.value)
@@ -585,7 +587,7 @@ def edit_bytes(path, change):
     (lambda m: m.update(frame_rate=0), "frame_rate is 0, not an integer >= 1"),
     (lambda m: m.update(frame_rate=50), "codec untrained: frame_rate 50 (the codec's is 75)"),
     (lambda m: m.update(codebook_size=2000), "codec untrained: codebook_size 2000 (the codec's is 1024)"),
-    (lambda m: m.update(codec="mystery"), "codec 'mystery' is not one of this nanosuno's (encodec_24khz, untrained"),
+    (lambda m: m.update(codec="mystery"), "codec 'mystery' is not one of this nanosuno's (encodec_24khz, spectral, untrained"),
 ])
 def test_meta_json_is_checked_on_load(token_corpus, damage, expected):
     edit_json(os.path.join(token_corpus, "meta.json"), damage)
