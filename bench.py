@@ -5,7 +5,8 @@ Throughput benchmarks. They print figures and assert nothing (never part of the 
     python bench.py train [--compile] [--batch_size=N]
     python bench.py sample
     python bench.py decode_quality [--ckpt=PATH] [--data_dir=data/tokens] [--steps=300]
-    python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seed=N]
+    python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seeds=1337,7]
+                          [--variant=NAME:SETTINGS ...] [--out_dir=DIR]
     python bench.py steer --data_dir=DIR --out_dir=DIR [--seconds=10] [--num_samples=8]
     python bench.py all          (prepare, train, sample)
 
@@ -26,7 +27,8 @@ teacher-forced val cross-entropy on a trained checkpoint (decode_dtype=auto must
 nats of float32).
 
 learn: how much config/small.py's model learns in a fixed budget on a real corpus, per codebook,
-next to the simple baselines and a single-codebook model given the same budget.
+next to the simple baselines; recipes (variants of the settings) side by side in one run, each
+with the same corpus, split, seeds and probe state (default: the recipe and a single-codebook model).
 
 steer: how far a model trained on a corpus with style folders steers: per-codebook code statistics
 of pieces generated in each style, unconditionally and at several cfg_coef, against each style's
@@ -305,12 +307,17 @@ def bench_train(compile_on_cpu=False, batch_size=None):
 
 # --- learn -----------------------------------------------------------------------------------------
 
-def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_dir="data/learn", seed=1337):
-    """How much the recipe learns in a fixed budget: config/small.py's model on a real corpus split by
-    file, trained for `minutes` of this machine (or exactly `steps` iterations), then val cross-entropy
-    per codebook over the whole val split, next to the simple baselines (fitted on train) and to a
-    single-codebook model given the same budget. Batch 4 x 2048 steps, one process, the settings'
-    defaults otherwise; the learning-rate schedule is fitted to the budget."""
+def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_dir="data/learn", seeds=(1337,),
+                variants=None, out_dir=None):
+    """How much recipes learn in a fixed budget, side by side: config/small.py's model on a real
+    corpus split by file, each variant (a name and its train.py settings) trained for `minutes` of
+    this machine (or exactly `steps` iterations) with each seed, then val cross-entropy per codebook
+    over the whole val split, next to the simple baselines (fitted on train). Every variant's
+    iterations come from a timing probe of that variant, all probed before any trains, so their
+    budgets come from the same machine state (a same-run A/B). Batch 4 x 2048 steps, one process,
+    the settings' defaults otherwise; the learning-rate schedule is fitted to the budget. Default
+    variants: the K = 8 recipe and a K = 1 model (codebook 0 alone). out_dir keeps the checkpoints
+    (out_dir/<variant>-seed<N>); by default they are deleted."""
     import json
     import torch
     from nanosuno.baselines import NAMES, best_baseline, bits_per_second
@@ -323,43 +330,52 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
                  f"dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth   (or pass --corpus=DIR)")
     run_command("prepare.py", f"--input_dir={corpus}", f"--data_dir={data_dir}", f"--codec={codec_name or 'auto'}")
     meta = read_meta(data_dir)
-    baselines = meta["baselines"]
-    best = best_baseline(baselines)
+    baselines, best = meta["baselines"], best_baseline(meta["baselines"])
+    variants = variants or [("K=8", []), ("K=1", ["--n_codebooks=1"])]
     fixed = ["config/small.py", f"--data_dir={data_dir}", "--batch_size=4", "--gradient_accumulation_steps=1",
-             "--eval_iters=1", "--sample_every=0", f"--seed={seed}", "--compile=False"]
+             "--eval_iters=1", "--sample_every=0", "--compile=False"]
     print(f"learn: config/small.py dims, batch 4 x 2048 steps, {minutes if not steps else '-'} min / "
-          f"{steps or '-'} iterations; {_cpu_name()}; load average {os.getloadavg()[0]:.1f}")
-    # both models are timed before either trains, so their budgets come from the same machine state
-    budgets = {K: steps or _iterations_in(minutes, load_config(fixed + [f"--n_codebooks={K}"]), meta)
-               for K in (8, 1)}
-    results = {}
-    for K, iters in budgets.items():
-        out_dir = tempfile.mkdtemp(prefix=f"bench-learn-K{K}-")
-        start = time.time()
-        run_command("train.py", *fixed, f"--n_codebooks={K}", f"--out_dir={out_dir}", f"--max_iters={iters}",
-                    f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}", f"--eval_interval={iters}")
-        seconds = time.time() - start
-        model = model_from_checkpoint(load_checkpoint(out_dir))
-        with torch.no_grad():
-            results[K] = dict(val=split_losses(model, data_dir, meta, K), iters=iters, seconds=seconds,
-                              steps_per_s=iters * 4 * 2048 / seconds)
-        shutil.rmtree(out_dir, ignore_errors=True)
-    val8, val1 = results[8]["val"], results[1]["val"]
-    rows = [("K=8 model", val8)] + [(name, baselines[name]) for name in NAMES] + [("best baseline", best)]
-    print(f"{'val CE (nats)':16}" + "".join(f"{'cb' + str(k):>7}" for k in range(8)) + f"{'mean':>8}")
-    for name, values in rows:   # the lower-codebook bigram has no value for codebook 0
-        mean = f"{sum(values) / len(values):8.3f}" if None not in values else f"{'-':>8}"
-        print(f"{name:16}" + "".join(f"{v:7.3f}" if v is not None else f"{'-':>7}" for v in values) + mean)
-    print(f"{'K=1 model':16}{val1[0]:7.3f}")
-    mean8, mean_best = sum(val8) / 8, sum(best) / 8
-    print(f"K=8: {results[8]['iters']} iterations in {results[8]['seconds'] / 60:.1f} min "
-          f"({results[8]['steps_per_s']:,.0f} steps/s); K=1: {results[1]['iters']} iterations in "
-          f"{results[1]['seconds'] / 60:.1f} min ({results[1]['steps_per_s']:,.0f} steps/s)")
-    print(f"mean val CE {mean8:.4f} vs best baselines {mean_best:.4f}: {mean8 - mean_best:+.4f} (target: <= -0.2); "
-          f"codebooks below their baseline: {sum(v < b for v, b in zip(val8, best))}/8 (target: 8); "
-          f"codebook 0 {val8[0]:.4f} vs K=1 {val1[0]:.4f}: {val8[0] - val1[0]:+.4f} (target: <= 0); "
-          f"{bits_per_second(val8, meta['frame_rate']):,.0f} bit/s (codec 6,000)")
-    print("json: " + json.dumps({"K8": results[8], "K1": results[1], "best_baseline": best}))
+          f"{steps or '-'} iterations; codec {meta['codec']}; variants {', '.join(name for name, _ in variants)}; "
+          f"seeds {', '.join(map(str, seeds))}; {_cpu_name()}; load average {os.getloadavg()[0]:.1f}")
+    budgets = {name: steps or _iterations_in(minutes, load_config(fixed + args), meta) for name, args in variants}
+    results = []
+    for seed in seeds:
+        for name, args in variants:
+            iters = budgets[name]
+            run_dir = os.path.join(out_dir, f"{name}-seed{seed}") if out_dir else tempfile.mkdtemp(prefix="bench-learn-")
+            start = time.time()
+            run_command("train.py", *fixed, *args, f"--seed={seed}", f"--out_dir={run_dir}", f"--max_iters={iters}",
+                        f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 20)}", f"--eval_interval={iters}",
+                        *(["--overwrite=True"] if out_dir else []))
+            seconds = time.time() - start
+            ckpt = load_checkpoint(run_dir, resume=True)   # the last iteration's weights: the budget's model
+            K = ckpt["model_args"]["n_codebooks"]
+            with torch.no_grad():
+                val = split_losses(model_from_checkpoint(ckpt), data_dir, meta, K)
+            results.append(dict(variant=name, seed=seed, val=val, iters=iters, seconds=seconds,
+                                s_per_iter=seconds / iters))
+            if not out_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    cells = lambda values: "".join(f"{v:7.3f}" if v is not None else f"{'-':>7}" for v in values)
+    mean = lambda values: f"{sum(values) / len(values):8.3f}" if values and None not in values else f"{'-':>8}"
+    print(f"{'val CE (nats)':22}" + "".join(f"{'cb' + str(k):>7}" for k in range(8)) + f"{'mean':>8}{'s/iter':>8}{'iters':>7}")
+    for r in results:
+        print(f"{r['variant'] + ' seed ' + str(r['seed']):22}{cells(r['val'])}{' ' * 7 * (8 - len(r['val']))}"
+              f"{mean(r['val'])}{r['s_per_iter']:8.2f}{r['iters']:7d}")
+    for name, values in [(name, baselines[name]) for name in NAMES] + [("best baseline", best)]:
+        print(f"{name:22}{cells(values)}{mean(values)}")
+    for name, _ in variants:   # each variant's mean over its seeds, against the best baselines
+        runs = [r for r in results if r["variant"] == name]
+        K = len(runs[0]["val"])
+        means = [sum(r["val"]) / K for r in runs]
+        spread = f" (seeds differ by {max(means) - min(means):.4f})" if len(runs) > 1 else ""
+        avg = sum(means) / len(means)
+        print(f"{name}: mean val CE {avg:.4f}{spread} vs best baselines {sum(best[:K]) / K:.4f}: "
+              f"{avg - sum(best[:K]) / K:+.4f}; codebooks below their baseline: "
+              f"{sum(v < b for r in runs for v, b in zip(r['val'], best)) / len(runs):g}/{K}; codebook 0 "
+              f"{sum(r['val'][0] for r in runs) / len(runs):.4f}; "
+              f"{sum(bits_per_second(r['val'], meta['frame_rate']) for r in runs) / len(runs):,.0f} bit/s")
+    print("json: " + json.dumps({"results": results, "best_baseline": best, "codec": meta["codec"]}))
 
 
 def _iterations_in(minutes, cfg, meta):
@@ -703,11 +719,16 @@ def main(argv):
                         help="learn: where the corpus's tokens are cached (default data/learn); steer: the tokens "
                              "the model was trained on (default data/learn); decode_quality: the tokens whose val "
                              "split is scored (default data/tokens)")
-    parser.add_argument("--out_dir", default="out", help="steer: the checkpoint's folder")
+    parser.add_argument("--out_dir", default=None, help="steer: the checkpoint's folder (default out); learn: keep each "
+                                                        "variant's checkpoint in out_dir/<variant>-seed<N>")
     parser.add_argument("--ckpt", default=None, help="decode_quality: a trained checkpoint (ckpt.pt or its folder)")
     parser.add_argument("--seconds", type=float, default=10.0, help="steer: length of each piece")
     parser.add_argument("--num_samples", type=int, default=8, help="steer: pieces per style and row")
-    parser.add_argument("--seed", type=int, default=1337, help="learn: training seed")
+    parser.add_argument("--seed", type=int, default=1337, help="steer: sampling seed")
+    parser.add_argument("--seeds", default="1337", help="learn: training seeds, comma-separated (two for anything kept)")
+    parser.add_argument("--variant", action="append", default=None, metavar="NAME:SETTINGS",
+                        help="learn: a recipe to compare, e.g. 'wd:--weight_decay=0.1 --muon_lr=0.03' (repeat the flag "
+                             "for more; default: 'K=8:' and 'K=1:--n_codebooks=1')")
     parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
     parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
     parser.add_argument("--repeats", type=int, default=1, help="prepare: runs of raw encode and prepare, in turn")
@@ -722,9 +743,11 @@ def main(argv):
     if args.what in ("sample", "all"):
         bench_sample()
     if args.what == "learn":  # not part of "all": it takes an hour by default
-        bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir or "data/learn", args.seed)
+        variants = [(v.partition(":")[0], v.partition(":")[2].split()) for v in args.variant] if args.variant else None
+        bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir or "data/learn",
+                    [int(seed) for seed in args.seeds.split(",")], variants, args.out_dir)
     if args.what == "steer":
-        bench_steer(args.data_dir or "data/learn", args.out_dir, args.seconds, args.num_samples, seed=args.seed)
+        bench_steer(args.data_dir or "data/learn", args.out_dir or "out", args.seconds, args.num_samples, seed=args.seed)
     if args.what == "decode_quality":  # not part of "all": it needs a trained checkpoint and tokens
         bench_decode_quality(args.ckpt, args.data_dir or "data/tokens", args.steps)
 

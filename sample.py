@@ -174,7 +174,7 @@ def write_samples(sample_dir, codes, codec, seed, labels):
 
 def new_run_dir(sample_dir):
     """sample_dir/NNN for this run: one past the highest run number there (001 for the first)."""
-    runs = [int(entry.name) for entry in os.scandir(sample_dir) if entry.name.isdigit() and entry.is_dir()]
+    runs = [int(entry.name) for entry in os.scandir(sample_dir) if entry.name.isdigit()]   # (a file's name too)
     return os.path.join(sample_dir, f"{max(runs, default=0) + 1:03d}")
 
 

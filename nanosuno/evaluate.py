@@ -9,9 +9,15 @@ training), bench.py (learn, steer, decode_quality) and the tests.
                       decode precision costs)
 
 Every loss is per codebook, over real targets only (the delay pattern's special token never counts).
+And on audio, where tokens cannot be compared (a codec's own quality, generated music):
+
+    log_mel, log_mel_l1   the distance between a recording and its reconstruction
+    audio_statistics, frechet_distance   how far one set of recordings is from another, as a Fréchet
+                      distance between Gaussians fitted to short stretches of their log-mel spectra
 """
 import torch
 import torch.nn.functional as F
+import torchaudio
 
 from nanosuno.data import windows
 from nanosuno.model import codebook_losses
@@ -86,3 +92,56 @@ def decode_cross_entropy(model, windows, batch_size=16):
             if i == 0:
                 first.append(logits[0])
     return (total / count).mean().item(), torch.stack(first, 1)
+
+
+# --- on audio ------------------------------------------------------------------------------------
+
+def log_mel(waveform, sample_rate=24000):
+    """log(mel + 1e-5) of a magnitude (power=1.0) mel spectrogram: 80 bands, n_fft 1024, hop 256.
+    (..., samples) -> (..., 80, frames)."""
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=1024, hop_length=256,
+                                               n_mels=80, power=1.0)
+    return (mel(torch.as_tensor(waveform, dtype=torch.float32)) + 1e-5).log()
+
+
+def log_mel_l1(a, b):
+    """Mean |log_mel(a) - log_mel(b)| over bands and frames, both trimmed to the shorter."""
+    la, lb = log_mel(a), log_mel(b)
+    n = min(la.shape[-1], lb.shape[-1])
+    return (la[..., :n] - lb[..., :n]).abs().mean().item()
+
+
+# A feature is a stretch of 0.2 s: 4 log-mel frames 64 ms apart, each in 40 bands (pairs of the 80
+# averaged). One frame alone would make the distance blind to time: music played backwards, or its
+# frames shuffled, has the same frame statistics as the music.
+FEATURE_FRAMES, FEATURE_GAP = 4, 6
+
+
+def audio_features(waveform, sample_rate=24000):
+    """(features, 160): every stretch of FEATURE_FRAMES log-mel frames FEATURE_GAP hops apart."""
+    mel = log_mel(waveform, sample_rate)                       # (80, frames)
+    mel = mel.reshape(40, 2, -1).mean(1)                       # (40, frames)
+    span = (FEATURE_FRAMES - 1) * FEATURE_GAP
+    n = mel.shape[1] - span
+    if n <= 0:
+        return torch.zeros(0, 40 * FEATURE_FRAMES)
+    return torch.cat([mel[:, k * FEATURE_GAP:k * FEATURE_GAP + n] for k in range(FEATURE_FRAMES)]).T
+
+
+def audio_statistics(waveforms, sample_rate=24000):
+    """(mean, covariance) in float64 of the audio_features of every waveform of a set."""
+    features = torch.cat([audio_features(w, sample_rate) for w in waveforms]).double()
+    if len(features) < 2:
+        raise ValueError("audio_statistics needs at least 0.2 s of audio")
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(a, b):
+    """The Fréchet distance between Gaussians (mean, covariance) a and b:
+    |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), the trace of the square root computed
+    from the eigenvalues of the symmetric C_a^(1/2) C_b C_a^(1/2) (no complex matrix square root)."""
+    (mu_a, cov_a), (mu_b, cov_b) = a, b
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()

@@ -324,20 +324,3 @@ def load_spectral(path, device="cpu"):
         return spectral_from_weights(state, device)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-
-
-# --- the log-mel distance used to measure the codec
-
-def log_mel(waveform, sample_rate=24000):
-    """log(mel + 1e-5) of a magnitude (power=1.0) mel spectrogram: 80 bands, n_fft 1024, hop 256.
-    (..., samples) -> (..., 80, frames)."""
-    mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=1024, hop_length=256,
-                                               n_mels=80, power=1.0)
-    return (mel(torch.as_tensor(waveform, dtype=torch.float32)) + 1e-5).log()
-
-
-def log_mel_l1(a, b):
-    """Mean |log_mel(a) - log_mel(b)| over bands and frames, both trimmed to the shorter."""
-    la, lb = log_mel(a), log_mel(b)
-    n = min(la.shape[-1], lb.shape[-1])
-    return (la[..., :n] - lb[..., :n]).abs().mean().item()

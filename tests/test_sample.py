@@ -308,7 +308,7 @@ def test_errors(tmp_path, codec, args, message):
 def test_a_checkpoint_that_cannot_sample_is_one_line(tmp_path, codec):
     out_dir = save_tiny_checkpoint(tmp_path / "old", codec, K=1, block_size=1)   # made before block_size was checked
     with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(model_args: setting 'block_size' "
-                                        r"must be >= 2, got 1\)"):
+                                        r"must be in 2..1000000, got 1\)"):
         run_sample(out_dir)
     torch.save({"model": {}, "iter_num": 3}, checkpoint_path(tmp_path / "old"))   # a valid torch file, but not ours
     with pytest.raises(UserError, match=r"is not a nanosuno checkpoint \(no model_args of type dict\)"):
@@ -354,10 +354,10 @@ def test_a_sample_dir_that_cannot_be_made_or_written_is_one_line(tmp_path, codec
     with pytest.raises(UserError, match=f"^sample_dir {tmp_path / 'notes.txt' / 's'} cannot be created: "
                                         f"{tmp_path / 'notes.txt'} is a file, not a folder$"):
         run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'notes.txt' / 's'}")
-    os.makedirs(tmp_path / "s" / "sample_000.wav")
-    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 's' / 'sample_000.wav'}: it is a folder; "
-                                        "move it out of the way$"):
-        run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 's'}")
+    os.makedirs(tmp_path / "s")
+    (tmp_path / "s" / "001").write_text("a file where a run's folder would go: it is left as it is")
+    assert os.path.basename(run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 's'}")) == "002"
+    assert (tmp_path / "s" / "001").read_text().startswith("a file where")
     fail_writes(monkeypatch, str(tmp_path / "ro"), errno.EROFS)
     with pytest.raises(UserError, match=f"^cannot write {tmp_path / 'ro' / 's' / '.lock'}: read-only file system$"):
         run_sample(out_dir, "--seconds=0.2", f"--sample_dir={tmp_path / 'ro' / 's'}")
