@@ -8,6 +8,8 @@ Throughput benchmarks. They print figures and assert nothing (never part of the 
     python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seeds=1337,7]
                           [--variant=NAME:SETTINGS ...] [--out_dir=DIR]
     python bench.py steer --data_dir=DIR --out_dir=DIR [--seconds=10] [--num_samples=8]
+    python bench.py codec --data_dir=DIR --out=OUTDIR FILE...
+    python bench.py listen --ckpt=PATH --data_dir=DIR [--corpus=DIR] [--out=OUTDIR] [--seconds=10] [--num_samples=8]
     python bench.py all          (prepare, train, sample)
 
 Each measurement runs in a fresh process, so that its peak memory (RSS high-water mark) is its own.
@@ -29,6 +31,10 @@ nats of float32).
 learn: how much config/small.py's model learns in a fixed budget on a real corpus, per codebook,
 next to the simple baselines; recipes (variants of the settings) side by side in one run, each
 with the same corpus, split, seeds and probe state (default: the recipe and a single-codebook model).
+
+codec: each file through data_dir's codec and back: log-mel L1 (80 mel bands, n_fft 1024, hop 256,
+log(mel + 1e-5)), encode and decode speed; the reconstructions as WAVs. listen: the audio-level
+yardstick of a trained model (bench_listen).
 
 steer: how far a model trained on a corpus with style folders steers: per-codebook code statistics
 of pieces generated in each style, unconditionally and at several cfg_coef, against each style's
@@ -218,6 +224,97 @@ def write_long_file(paths, out_path, seconds):
             if written == before:  # no file at 44.1 kHz in the corpus
                 break
     return written / rate
+
+
+# --- codec and listen ------------------------------------------------------------------------------
+
+def bench_codec(data_dir, out, files):
+    """Each audio file through data_dir's codec and back: its reconstruction written to
+    out/<stem>.wav (24 kHz), and one line with the log-mel L1 and the speeds."""
+    import torch
+    from nanosuno.audio import load_audio, save_wav
+    from nanosuno.codec import codec_for
+    from nanosuno.data import codec_info, read_codec_weights, read_meta
+    from nanosuno.evaluate import log_mel_l1
+    if not files:
+        sys.exit("bench.py codec: name the audio files to reconstruct")
+    meta = read_meta(data_dir)
+    codec = codec_for(codec_info(meta, meta["n_codebooks"]), read_codec_weights(data_dir, meta))
+    os.makedirs(out, exist_ok=True)
+    print(f"codec {codec.name} of {data_dir}; {_cpu_name()}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for path in files:
+        audio = load_audio(path, codec.sample_rate)
+        seconds = audio.numel() / codec.sample_rate
+        t0 = time.perf_counter()
+        codes = codec.encode(audio)
+        t1 = time.perf_counter()
+        reconstruction = codec.decode(codes)
+        t2 = time.perf_counter()
+        save_wav(os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".wav"), reconstruction,
+                 codec.sample_rate)
+        print(f"{path}: log-mel L1 {log_mel_l1(audio, reconstruction):.3f}, encode {seconds / (t1 - t0):.1f}x "
+              f"real time, decode {seconds / (t2 - t1):.1f}x real time")
+
+
+def bench_listen(ckpt_path, data_dir, corpus, out, seconds=10.0, num_samples=8, excerpt_seconds=60.0, seed=1337):
+    """The audio-level yardstick of a trained model: the Fréchet distance (evaluate.frechet_distance:
+    Gaussians of 0.2 s log-mel stretches) from the val music (the corpus's val files, their first
+    excerpt_seconds each) to pieces the model generates, next to (a) the val music through the codec
+    and back (the floor: what the codec alone loses), (b) pieces of the per-codebook previous-frame
+    bigram baseline, decoded, and (c) the val music's token frames shuffled in time, decoded. A model
+    that learned something lands between the floor and the bigram. Writes out/listen.png (a
+    spectrogram of each) and the WAVs."""
+    import numpy as np
+    import torch
+    from nanosuno.audio import load_audio, save_wav
+    from nanosuno.baselines import sample_prev_frame_bigram
+    from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
+    from nanosuno.codec import codec_for
+    from nanosuno.data import open_split, read_meta
+    from nanosuno.evaluate import audio_statistics, frechet_distance
+    from nanosuno.generate import generate
+    from nanosuno.plots import save_spectrograms
+    meta = read_meta(data_dir)
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path.endswith(".pt") else load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt).eval()
+    codec = codec_for(ckpt["codec"], ckpt.get("codec_weights"))
+    K, rate = model.config.n_codebooks, codec.frame_rate
+    os.makedirs(out, exist_ok=True)
+    print(f"listen: {ckpt_path} (iteration {ckpt['iter_num']}, codec {codec.name}, {K} codebooks); {num_samples} x "
+          f"{seconds:g} s per set; {_cpu_name()}")
+    # the val music, and its tokens (the same excerpts) decoded and shuffled
+    val_files, tokens = meta["splits"]["val"]["files"], open_split(data_dir, meta, "val")
+    music, recon, shuffled, rng = [], [], [], np.random.default_rng(seed)
+    for f in val_files:
+        frames = min(f["frames"], int(excerpt_seconds * rate))
+        music.append(load_audio(os.path.join(corpus, f["path"]))[:frames * codec.hop_length])
+        codes = torch.from_numpy(np.asarray(tokens[f["offset"]:f["offset"] + frames], dtype=np.int64)).T
+        recon.append(codec.decode(codes))
+        shuffled.append(codec.decode(codes[:, torch.from_numpy(rng.permutation(frames))]))
+    frames = round(seconds * rate)
+    with torch.no_grad():
+        generated = generate(model, frames, num_samples=num_samples, seed=seed)
+    generated = [codec.decode(codes) for codes in generated]
+    train = open_split(data_dir, meta, "train")
+    bigram_codes = sample_prev_frame_bigram(train, meta["splits"]["train"]["files"], meta["codebook_size"], frames,
+                                            num_samples, meta["baselines"]["lambda"]["prev_frame"], seed)
+    bigram = [codec.decode(torch.from_numpy(codes[:K])) for codes in bigram_codes]
+    reference = audio_statistics(music)
+    sets = {"val through the codec (floor)": recon, "generated by the model": generated,
+            "previous-frame bigram baseline": bigram, "val, token frames shuffled": shuffled}
+    distances = {name: frechet_distance(reference, audio_statistics(waves)) for name, waves in sets.items()}
+    for name, distance in distances.items():
+        print(f"  {name:32} Fréchet distance to the val music {distance:8.1f}")
+    for name, waves in (("generated", generated), ("bigram", bigram)):
+        for i, wave in enumerate(waves):
+            save_wav(os.path.join(out, f"{name}_{i:02d}.wav"), wave, codec.sample_rate)
+    clip = lambda wave: wave[:round(seconds * codec.sample_rate)]
+    save_spectrograms(os.path.join(out, "listen.png"),
+                      [("val music", clip(music[0])), (f"val through the codec ({codec.name})", clip(recon[0])),
+                       ("generated by the model", clip(generated[0])), ("previous-frame bigram", clip(bigram[0]))],
+                      codec.sample_rate)
+    print(f"wrote {out}/listen.png and {2 * num_samples} WAVs; json: " + __import__("json").dumps(distances))
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -708,7 +805,10 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
 
 def main(argv):
     parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
-    parser.add_argument("what", choices=["prepare", "train", "sample", "decode_quality", "learn", "steer", "all"])
+    parser.add_argument("what", choices=["prepare", "train", "sample", "decode_quality", "learn", "steer", "codec",
+                                         "listen", "all"])
+    parser.add_argument("files", nargs="*", help="codec: the audio files to reconstruct")
+    parser.add_argument("--out", default="bench-out", help="codec, listen: where the WAVs and pictures go")
     parser.add_argument("--corpus", default=WESNOTH, help="prepare: folder of music")
     parser.add_argument("--minutes", type=float, default=None,
                         help="prepare: use only this much of the corpus; learn: training budget (default 30)")
@@ -748,6 +848,11 @@ def main(argv):
                     [int(seed) for seed in args.seeds.split(",")], variants, args.out_dir)
     if args.what == "steer":
         bench_steer(args.data_dir or "data/learn", args.out_dir or "out", args.seconds, args.num_samples, seed=args.seed)
+    if args.what == "codec":
+        bench_codec(args.data_dir or "data/tokens", args.out, args.files)
+    if args.what == "listen":
+        bench_listen(args.ckpt or args.out_dir or "out", args.data_dir or "data/tokens", args.corpus, args.out,
+                     args.seconds, args.num_samples, seed=args.seed)
     if args.what == "decode_quality":  # not part of "all": it needs a trained checkpoint and tokens
         bench_decode_quality(args.ckpt, args.data_dir or "data/tokens", args.steps)
 

@@ -5,6 +5,7 @@ Generate music with a trained model and write it as audio.
     python sample.py config/small.py --seconds=120 --num_samples=4
     python sample.py --prompt=intro.wav --seconds=20    # continue a recording
     python sample.py --style=jazz,rock --cfg_coef=3     # one piece per style (a model trained with styles)
+    python sample.py --loop_seconds=8 --bpm=120         # seamless loops of 16 beats
 
 Each run writes a folder of its own in sample_dir (default out_dir/samples): 001/, 002/, ... with
 sample_000.wav, ... (24 kHz mono), a spectrogram PNG per sample and index.html to listen to them in
@@ -32,7 +33,8 @@ from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_pat
 from nanosuno.codec import codec_for
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
-from nanosuno.generate import check_sampling, generate, prompt_frames_used
+from nanosuno.evaluate import frame_cross_entropy, seam_flux
+from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, prompt_frames_used
 from nanosuno.hardware import pick_decode_dtype, pick_device
 from nanosuno.plots import save_spectrogram
 
@@ -158,13 +160,58 @@ def pick_styles(cfg, ckpt):
     return names
 
 
-def write_samples(sample_dir, codes, codec, seed, labels):
-    """Decode each piece and write its WAV and spectrogram (titled with its label: style and
-    guidance); returns the names written."""
+def loop_frames(cfg, frame_rate, block_size, n_codebooks):
+    """The frames of each loop: loop_seconds rounded to whole frames (with bpm, first to whole
+    beats), checked against what the model's context can loop."""
+    if "seconds" in getattr(cfg, "given", ()):
+        raise UserError("loop_seconds sets each loop's length: leave seconds out")
+    seconds = cfg.loop_seconds
+    if cfg.bpm:
+        seconds = max(1, round(seconds * cfg.bpm / 60)) * 60 / cfg.bpm
+    frames = max(2, round(seconds * frame_rate))
+    fits = lambda n: n + loop_bridge(n) + n_codebooks - 1 <= block_size   # the loop, then its start again
+    if not fits(frames):
+        most = max((n for n in range(2, block_size) if fits(n)), default=0)
+        raise UserError(f"loop_seconds={cfg.loop_seconds:g} is longer than this model can loop: at most "
+                        f"{most / frame_rate:.2f} s (its context of {block_size / frame_rate:.1f} s must hold the "
+                        f"loop and the start it leads back to)")
+    return frames
+
+
+def make_loops(cfg, model, codec, frames, prompt, style_ids, cfg_coef, labels):
+    """One loop (generate_loop) per sample, each with its seam measures printed and in its label:
+    the model's cross-entropy of the loop's first second after its end against the mean inside it,
+    and the audio's spectral flux across the seam against its 95th percentile inside."""
+    codes, new_labels, steps = [], [], 0
+    for i, label in enumerate(labels):
+        style = style_ids[i // cfg.num_samples] if style_ids else None
+        loop, seam = generate_loop(model, frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + 1000 * i,
+                                   cfg.context_stride, style, cfg_coef)
+        inside = frame_cross_entropy(model, loop, loop_bridge(frames), style)
+        flux, p95 = seam_flux(decode_loop(codec, loop))
+        measures = (f"seam: model {seam:.2f} nats vs {inside:.2f} inside; spectral flux {flux:.0f} vs 95th "
+                    f"percentile {p95:.0f} inside ({'no click' if flux <= p95 else 'audible seam'})")
+        print(f"loop {i}: {frames / codec.frame_rate:.3f} s ({frames} frames), {measures}")
+        codes.append(loop)
+        new_labels.append(f"{label}; a loop of {frames / codec.frame_rate:.3g} s; {measures}")
+        steps += 2 * frames
+    return torch.stack(codes), new_labels, steps
+
+
+def decode_loop(codec, loop):
+    """A loop's audio as it sounds repeated: the middle of three copies decoded in one piece, so that
+    its start follows its own end (and its end leads into its start) as in playback."""
+    n = loop.shape[1] * codec.hop_length
+    return codec.decode(torch.cat([loop, loop, loop], dim=1))[n:2 * n]
+
+
+def write_samples(sample_dir, codes, codec, seed, labels, loop=False):
+    """Decode each piece (each loop: decode_loop) and write its WAV and spectrogram (titled with its
+    label: style and guidance); returns the names written."""
     names = []
     for i in range(codes.shape[0]):   # one at a time: a long piece's decoder activations are large
         name = f"sample_{i:03d}"
-        waveform = codec.decode(codes[i])
+        waveform = decode_loop(codec, codes[i]) if loop else codec.decode(codes[i])
         save_wav(os.path.join(sample_dir, f"{name}.wav"), waveform, codec.sample_rate)
         save_spectrogram(os.path.join(sample_dir, f"{name}.png"), waveform, codec.sample_rate,
                          f"{name}: {waveform.numel() / codec.sample_rate:.1f} s, seed {seed}, {labels[i]}")
@@ -190,11 +237,13 @@ def write_runs_index(sample_dir):
     atomic_write_bytes(os.path.join(sample_dir, "index.html"), page.encode())
 
 
-def write_index(path, names, labels, settings, warning):
-    """A static page: the settings used, then each sample's label, player and spectrogram."""
+def write_index(path, names, labels, settings, warning, loop=False):
+    """A static page: the settings used, then each sample's label, player (playing on repeat, for
+    loops) and spectrogram."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     items = "".join(f'<h2>{name}</h2>\n<p>{html.escape(label)}</p>\n'
-                    f'<audio controls preload="none" src="{name}.wav"></audio><br>\n'
+                    f'<audio controls{" loop" if loop else ""} preload="none" src="{name}.wav"></audio>'
+                    f'{" (a loop: it plays repeated)" if loop else ""}<br>\n'
                     f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name, label in zip(names, labels))
     warn = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
@@ -221,7 +270,8 @@ def main(argv):
     cfg_coef = cfg.cfg_coef if styles and cfg.cfg_coef != 1 else None
     labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in styles for _ in range(cfg.num_samples)] \
         if styles else ["no style (unconditional)"] * cfg.num_samples
-    new_frames = max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
+    new_frames = loop_frames(cfg, ckpt["codec"]["frame_rate"], block_size, K) if cfg.loop_seconds else \
+        max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
     check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)
     codec = codec_for(ckpt["codec"], ckpt.get("codec_weights"), cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
@@ -235,24 +285,30 @@ def main(argv):
     sample_dir = cfg.sample_dir or os.path.join(cfg.out_dir, "samples")
     with lock_folder(sample_dir, "sample_dir"):  # one run at a time writes into sample_dir
         t0 = time.perf_counter()
-        with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
-            codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
-                             cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
-        steps, t1 = bar.total, time.perf_counter()
-        codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
+        if cfg.loop_seconds:
+            codes, labels, steps = make_loops(cfg, model, codec, new_frames, prompt, style_ids, cfg_coef, labels)
+        else:
+            with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
+                codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                                 cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
+            steps = bar.total
+            codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
+        t1 = time.perf_counter()
         run_dir = new_run_dir(sample_dir)
         with atomic_folder(run_dir) as folder:   # the run's folder appears complete, or not at all
-            names = write_samples(folder, codes, codec, cfg.seed, labels)
+            names = write_samples(folder, codes, codec, cfg.seed, labels, loop=bool(cfg.loop_seconds))
             t2 = time.perf_counter()
             settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
-                        "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)", "seconds": cfg.seconds,
+                        "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)",
+                        "seconds": f"a loop of {new_frames / codec.frame_rate:g} s ({new_frames} frames)"
+                                   + (f", {cfg.bpm:g} bpm" if cfg.bpm else "") if cfg.loop_seconds else cfg.seconds,
                         "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
                         "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
                         "style": ", ".join(styles) if styles else "none (unconditional)",
                         "cfg_coef": cfg.cfg_coef if styles else "-",
                         "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
                         "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning)
+            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning, loop=bool(cfg.loop_seconds))
         write_runs_index(sample_dir)
 
     new_seconds = len(labels) * new_frames / codec.frame_rate

@@ -99,6 +99,25 @@ def baseline_losses(train_tokens, train_files, val_tokens, val_files, codebook_s
     return out
 
 
+def sample_prev_frame_bigram(tokens, files, codebook_size, frames, pieces, lambdas, seed=0):
+    """Codes (pieces, K, frames) drawn from each codebook's previous-frame bigram (mixed with its
+    unigram by lambdas[k], as baseline_losses scores it), every codebook on its own: the music of
+    the simple baseline, to hear and measure next to a model's."""
+    rng = np.random.default_rng(seed)
+    V, K = codebook_size, tokens.shape[1]
+    out = np.zeros((pieces, K, frames), dtype=np.int64)
+    for k in range(K):
+        unigram = _unigram(_pairs(_pieces(tokens, files), k, "unigram")[1], V)
+        ctx, tgt = _pairs(_pieces(tokens, files), k, "prev_frame")
+        probs = lambdas[k] * _bigram(ctx, tgt, V) + (1 - lambdas[k]) * unigram   # an unseen context: the unigram
+        cdf = (probs / probs.sum(1, keepdims=True)).cumsum(1)
+        code = rng.choice(V, size=pieces, p=unigram)
+        for t in range(frames):
+            out[:, k, t] = code
+            code = np.minimum((cdf[code] < rng.random((pieces, 1))).sum(1), V - 1)
+    return out
+
+
 def unigrams(codes, codebook_size):
     """Per codebook, how often each code occurs, add-one smoothed: codes [frames, K] -> (K, V)."""
     return np.stack([_unigram(np.asarray(codes[:, k], dtype=np.int64), codebook_size) for k in range(codes.shape[1])])

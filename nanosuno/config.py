@@ -106,6 +106,10 @@ class Config:
     # precision of generation: float32, bfloat16, or int8 (bfloat16 with int8 weight matrices); auto =
     # int8 on a CPU, bfloat16 on a GPU: the fastest within 0.005 nats of float32 (bench.py decode_quality)
     decode_dtype: str = "auto"
+    # a seamless loop of this many seconds per sample instead of a piece of `seconds` (rounded to whole
+    # codec frames; with bpm, to whole beats): index.html plays it repeated
+    loop_seconds: typing.Optional[float] = None
+    bpm: typing.Optional[float] = None    # with loop_seconds: the loop is a whole number of beats at this tempo
     style: typing.Optional[str] = None  # a style the checkpoint knows, or "a,b" (num_samples each); None = any
     # with a style: classifier-free guidance, logits = uncond + cfg_coef * (cond - uncond); 1 = none
     cfg_coef: float = 3.0
@@ -166,6 +170,8 @@ RULES = {
     "decode_dtype": ("auto, float32, bfloat16 or int8", lambda v: v in ("auto", "float32", "bfloat16", "int8")),
     "style": ("None or style names separated by commas", lambda v: all(name.strip() for name in v.split(","))),
     "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
+    "loop_seconds": ("None or > 0", lambda v: v > 0),
+    "bpm": ("None or in (0, 1000]", lambda v: 0 < v <= 1000),
 }
 
 

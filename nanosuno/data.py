@@ -34,8 +34,8 @@ import torch
 from nanosuno.baselines import NAMES, baseline_losses
 from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write_set
-from nanosuno.spectral import load_spectral, save_spectral
 from nanosuno.pattern import delay_interleave
+from nanosuno.spectral import load_spectral, save_spectral
 
 META_VERSION = 4          # 2: each split records its .bin's size and fingerprint; 3: styles; 4: the
                           # fingerprint hashes all of the .bin (it sampled 17 blocks)

@@ -14,6 +14,7 @@ And on audio, where tokens cannot be compared (a codec's own quality, generated 
     log_mel, log_mel_l1   the distance between a recording and its reconstruction
     audio_statistics, frechet_distance   how far one set of recordings is from another, as a Fréchet
                       distance between Gaussians fitted to short stretches of their log-mel spectra
+    frame_cross_entropy, seam_flux   how natural a loop's seam is, to the model and in its audio
 """
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torchaudio
 
 from nanosuno.data import windows
 from nanosuno.model import codebook_losses
+from nanosuno.pattern import delay_interleave
 
 
 @torch.no_grad()
@@ -92,6 +94,43 @@ def decode_cross_entropy(model, windows, batch_size=16):
             if i == 0:
                 first.append(logits[0])
     return (total / count).mean().item(), torch.stack(first, 1)
+
+
+@torch.no_grad()
+def frame_cross_entropy(model, codes, first, style=None):
+    """The model's mean cross-entropy (nats per token) of frames first.. of `codes` (K, N), each given
+    the frames before it, over every codebook: one forward over the delayed layout (N + K - 1 must fit
+    in block_size). A loop's seam is scored by putting the loop's end before its beginning."""
+    K, N = codes.shape
+    special = model.config.codebook_size
+    delayed = delay_interleave(codes.long().to(model.lm_heads.weight.device), special)[None]   # (1, K, N + K - 1)
+    targets = delayed[:, :, 1:].clone()
+    frame_of = torch.arange(1, N + K - 1)[None, :] - torch.arange(K)[:, None]   # the frame each target is
+    targets[0, frame_of.to(targets.device) < first] = special                   # only frames first.. count
+    logits, _ = model(delayed[:, :, :-1], styles=None if style is None else torch.tensor([style]))
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=special, reduction="sum")
+    return losses.item() / (targets != special).sum().item()
+
+
+def spectral_flux(waveform, n_fft=1024, hop=256):
+    """Per STFT frame, how much louder the spectrum got since the frame before (the half-wave
+    rectified difference of log magnitudes, summed over bins): a click or a cut stands out in it."""
+    spec = torch.stft(torch.as_tensor(waveform, dtype=torch.float32), n_fft, hop, window=torch.hann_window(n_fft),
+                      center=False, return_complex=True).abs()
+    level = torch.log1p(spec / spec.max().clamp_min(1e-9) * 1e4)
+    return (level[:, 1:] - level[:, :-1]).clamp_min(0).sum(0)
+
+
+def seam_flux(loop, hop=256, n_fft=1024):
+    """(the spectral flux across the seam of `loop` played twice, its 95th percentile inside the
+    loop): a seam without a click stays below the percentile."""
+    flux = spectral_flux(torch.cat([loop, loop]), n_fft, hop)
+    # flux[i] compares STFT frames i and i + 1; the ones whose windows hold the seam:
+    seam = len(loop)
+    around = [i for i in range(len(flux)) if i * hop < seam < (i + 1) * hop + n_fft]
+    inside = torch.tensor([f for i, f in enumerate(flux.tolist()) if i not in around and (i + 1) * hop + n_fft <= seam])
+    return flux[around].max().item(), torch.quantile(inside, 0.95).item()
 
 
 # --- on audio ------------------------------------------------------------------------------------

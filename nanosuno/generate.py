@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from nanosuno.common import UserError
 from nanosuno.config import check_value
+from nanosuno.evaluate import frame_cross_entropy
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
@@ -230,3 +231,34 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
             logits = model.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)
 
     return delay_deinterleave(delayed)
+
+
+def loop_bridge(loop_frames):
+    """The frames of a loop made by choosing among continuations (generate_loop): a second (75
+    frames), or a quarter of a shorter loop. Its seam is scored over as many frames."""
+    return min(max(1, loop_frames // 4), 75)
+
+
+def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, seed=1337,
+                  context_stride=0.25, style=None, cfg_coef=None, candidates=8, progress=None):
+    """One loop of exactly loop_frames frames: codes (K, loop_frames) that repeat without a seam as
+    the model hears it. An autoregressive model cannot see the beginning it must lead back to, so
+    the loop is made in two parts: a body (all but the last second, or quarter, of the loop), then
+    `candidates` bridges that continue the body, sampled in one batch; the bridge kept is the one
+    after which the model finds the loop's own beginning most likely (the lowest
+    frame_cross_entropy of the loop's first second, with the loop's end put before it). Returns the
+    codes and that seam cross-entropy."""
+    bridge = loop_bridge(loop_frames)
+    if loop_frames + bridge + model.config.n_codebooks - 1 > model.config.block_size:
+        raise ValueError(f"a loop of {loop_frames} frames needs a context of {loop_frames + bridge} steps and "
+                         f"more, the model's is {model.config.block_size}")
+    styles = None if style is None else [style]
+    body = generate(model, loop_frames - bridge, prompt, temperature, top_k, top_p, 1, seed, context_stride,
+                    progress, styles, cfg_coef)[0, :, -(loop_frames - bridge):]
+    ends = generate(model, bridge, body, temperature, top_k, top_p, candidates, seed + 1, context_stride,
+                    progress, styles, cfg_coef)[:, :, -bridge:]
+    loops = [torch.cat([body, end], dim=1) for end in ends]
+    seams = [frame_cross_entropy(model, torch.cat([loop, loop[:, :bridge]], dim=1), loop_frames, style)
+             for loop in loops]
+    best = min(range(len(loops)), key=seams.__getitem__)
+    return loops[best], seams[best]

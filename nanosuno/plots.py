@@ -63,18 +63,25 @@ def read_log(log_path):
 def save_spectrogram(path, waveform, sample_rate, title=""):
     """Log-magnitude spectrogram of a mono waveform as a PNG: time in seconds, frequency in kHz,
     loudness in dB below the loudest bin (floored at -80 dB so that silence stays readable)."""
+    save_spectrograms(path, [(title, waveform)], sample_rate)
+
+
+def save_spectrograms(path, rows, sample_rate):
+    """Spectrograms of (title, mono waveform) rows, one above the other on a common time axis, as
+    one PNG (see save_spectrogram)."""
     import torch
-    waveform = torch.as_tensor(waveform, dtype=torch.float32).flatten().cpu()
-    n_fft, hop = 1024, 256
-    spec = torch.stft(waveform, n_fft, hop, window=torch.hann_window(n_fft), pad_mode="constant",
-                      return_complex=True).abs()
-    db = 20 * torch.log10(spec.clamp_min(1e-6))
-    db = (db - db.max()).clamp_min(-80)
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    extent = (0, len(waveform) / sample_rate, 0, sample_rate / 2000)
-    image = ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", extent=extent)
-    ax.set(xlabel="seconds", ylabel="kHz", title=title)
-    fig.colorbar(image, ax=ax, label="dB")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 3.5 * len(rows)), squeeze=False)
+    for ax, (title, waveform) in zip(axes[:, 0], rows):
+        waveform = torch.as_tensor(waveform, dtype=torch.float32).flatten().cpu()
+        n_fft, hop = 1024, 256
+        spec = torch.stft(waveform, n_fft, hop, window=torch.hann_window(n_fft), pad_mode="constant",
+                          return_complex=True).abs()
+        db = 20 * torch.log10(spec.clamp_min(1e-6))
+        db = (db - db.max()).clamp_min(-80)
+        extent = (0, len(waveform) / sample_rate, 0, sample_rate / 2000)
+        image = ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", extent=extent)
+        ax.set(xlabel="seconds", ylabel="kHz", title=title)
+        fig.colorbar(image, ax=ax, label="dB")
     fig.tight_layout()
     save_png(fig, path, dpi=80)
 

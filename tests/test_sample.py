@@ -6,18 +6,21 @@ import re
 import signal
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 import sample
-from conftest import fail_writes, hold_lock
+from conftest import fail_writes, hold_lock, write_token_corpus
 from nanosuno import demo
 from nanosuno.audio import load_audio, save_wav
-from nanosuno.checkpoint import checkpoint_path, save_checkpoint
+from nanosuno.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
-from nanosuno.generate import CUDAGraphStep, context_keep_steps, generate, prompt_frames_used, sample_next
+from nanosuno.evaluate import frame_cross_entropy
+from nanosuno.generate import (CUDAGraphStep, context_keep_steps, generate, generate_loop, loop_bridge,
+                               prompt_frames_used, sample_next)
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
@@ -439,3 +442,54 @@ def test_each_run_writes_a_complete_folder_of_its_own(tmp_path, codec, monkeypat
         assert sorted(re.findall(r'src="(sample_\d+\.wav)"', page)) == wavs
     runs = open(os.path.join(samples, "index.html")).read()
     assert re.findall(r'href="(\d+)/index.html"', runs) == ["002", "001"]   # newest first
+
+
+# --- loops ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cycle_model(tmp_path_factory):
+    """A model trained on music that repeats every 12 frames (every file the same cycle): the right
+    loop of a multiple of 12 frames is known."""
+    import train
+    root = tmp_path_factory.mktemp("cycle")
+    cycle = lambda split, i, frames: np.stack([(np.arange(frames) % 12) * 37 + 5, (np.arange(frames) % 12) * 11 + 2])
+    write_token_corpus(root / "tokens", file_frames=[400, 300, 300], val_file_frames=[200], n_codebooks=2,
+                       codes_of=cycle)
+    train.main([f"--data_dir={root / 'tokens'}", f"--out_dir={root / 'out'}", "--n_codebooks=2", "--n_layer=1",
+                "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=8", "--dtype=float32", "--compile=False",
+                "--eval_iters=2", "--warmup_iters=5", "--learning_rate=1e-2", "--min_lr=1e-3", "--max_iters=40",
+                "--lr_decay_iters=40", "--eval_interval=40", "--sample_every=0", "--device=cpu"])
+    return str(root / "out")
+
+
+def test_a_loop_of_a_periodic_model_repeats_without_a_jump(cycle_model):
+    model = model_from_checkpoint(load_checkpoint(cycle_model)).eval()
+    loop, seam = generate_loop(model, 24, temperature=0.5, seed=3)
+    assert loop.shape == (2, 24)
+    twice = torch.cat([loop, loop], dim=1)
+    assert all(torch.equal(twice[:, t], twice[:, t + 12]) for t in range(36))   # the cycle goes on across the seam
+    assert seam < 0.3 and seam < frame_cross_entropy(model, loop, loop_bridge(24)) + 0.1
+
+
+def test_sample_writes_loops_of_exactly_their_length_and_plays_them_repeated(cycle_model, capsys):
+    run = run_sample(cycle_model, "--loop_seconds=0.32", "--num_samples=2", "--temperature=0.5")
+    for name in ("sample_000.wav", "sample_001.wav"):
+        audio, rate = sf.read(os.path.join(run, name))
+        assert rate == 24000 and len(audio) == 24 * 320   # 0.32 s = 24 frames exactly
+    page = open(os.path.join(run, "index.html")).read()
+    assert page.count("<audio controls loop") == 2 and "a loop of 0.32 s" in page
+    out = capsys.readouterr().out
+    assert re.search(r"loop 0: 0.320 s \(24 frames\), seam: model [\d.]+ nats vs [\d.]+ inside; spectral flux \d+ vs 95th percentile", out)
+    run = run_sample(cycle_model, "--loop_seconds=0.3", "--bpm=120")   # one beat at 120 bpm: 0.5 s
+    assert len(sf.read(os.path.join(run, "sample_000.wav"))[0]) == round(0.5 * 75) * 320
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loop_seconds=2"], r"^loop_seconds=2 is longer than this model can loop: at most 0.68 s \(its context of "
+                           r"0.9 s must hold the loop and the start it leads back to\)$"),
+    (["--loop_seconds=0.3", "--seconds=4"], r"^loop_seconds sets each loop's length: leave seconds out$"),
+    (["--loop_seconds=-1"], r"setting 'loop_seconds' must be None or > 0, got -1.0"),
+])
+def test_bad_loop_settings_are_one_line(cycle_model, args, message):
+    with pytest.raises(UserError, match=message):
+        run_sample(cycle_model, *args)
