@@ -237,15 +237,33 @@ def write_runs_index(sample_dir):
     atomic_write_bytes(os.path.join(sample_dir, "index.html"), page.encode())
 
 
-def write_index(path, names, labels, settings, warning, loop=False):
-    """A static page: the settings used, then each sample's label, player (playing on repeat, for
-    loops) and spectrogram."""
+def write_reference(folder, ckpt, codec):
+    """reference.wav and .png: the val excerpt the checkpoint carries, through the codec (what the
+    codec makes of real music: the samples cannot sound better). Its name, or None without one."""
+    codes = ckpt.get("reference_codes")
+    if codes is None or codes.numel() == 0:
+        return None
+    waveform = codec.decode(codes.cpu())
+    save_wav(os.path.join(folder, "reference.wav"), waveform, codec.sample_rate)
+    save_spectrogram(os.path.join(folder, "reference.png"), waveform, codec.sample_rate,
+                     f"your music through the codec ({codec.name}): a val excerpt, {waveform.numel() / codec.sample_rate:.1f} s")
+    return "reference"
+
+
+def write_index(path, names, labels, settings, warning, loop=False, reference=None):
+    """A static page: the settings used, what the codec makes of a val excerpt (reference), then each
+    sample's label, player (playing on repeat, for loops) and spectrogram."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     items = "".join(f'<h2>{name}</h2>\n<p>{html.escape(label)}</p>\n'
                     f'<audio controls{" loop" if loop else ""} preload="none" src="{name}.wav"></audio>'
                     f'{" (a loop: it plays repeated)" if loop else ""}<br>\n'
                     f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name, label in zip(names, labels))
     warn = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
+    if reference:
+        items = (f'<h2>your music through the codec</h2>\n<p>the start of a val file, encoded and decoded: what the '
+                 f'codec can make of real music (the samples cannot sound better than this)</p>\n'
+                 f'<audio controls preload="none" src="{reference}.wav"></audio><br>\n'
+                 f'<img src="{reference}.png" alt="spectrogram of the val excerpt">\n') + items
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
             f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno samples</h1>\n{warn}"
             f"<table>{rows}</table>\n{items}</body></html>\n")
@@ -308,7 +326,9 @@ def main(argv):
                         "cfg_coef": cfg.cfg_coef if styles else "-",
                         "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
                         "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning, loop=bool(cfg.loop_seconds))
+            reference = write_reference(folder, ckpt, codec)
+            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning, loop=bool(cfg.loop_seconds),
+                        reference=reference)
         write_runs_index(sample_dir)
 
     new_seconds = len(labels) * new_frames / codec.frame_rate

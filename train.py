@@ -26,6 +26,7 @@ from nanosuno.common import require_dependencies
 
 require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
+import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -48,6 +49,7 @@ from nanosuno.optim import train_step
 from nanosuno.plots import save_loss_plot, save_spectrogram
 
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
+REFERENCE_SECONDS = 8.0  # length of the val excerpt every checkpoint carries (reference_excerpt)
 
 
 def get_lr(it, cfg, budget_used=None):
@@ -150,9 +152,19 @@ def load_data(cfg, proc):
         print(f"note: {cfg.data_dir} has an empty val split: skipping validation (only train loss is evaluated)")
     # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
     baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
+    reference = reference_excerpt(val or train, cfg.n_codebooks, round(REFERENCE_SECONDS * meta["frame_rate"]))
     return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
                            codec_weights=read_codec_weights(cfg.data_dir, meta), train=train, val=val,
-                           baseline=baseline)
+                           baseline=baseline, reference=reference)
+
+
+def reference_excerpt(batches, n_codebooks, frames):
+    """The codes (K, frames) of the start of the split's first file: a piece of the user's own music
+    that checkpoints carry, so that sample.py shows beside the samples what the codec makes of real
+    music (the samples cannot sound better than that), with no data_dir needed."""
+    f = batches.files[0]
+    n = min(frames, f["frames"])
+    return torch.from_numpy(np.asarray(batches.tokens[f["offset"]:f["offset"] + n, :n_codebooks], dtype=np.int64)).T.contiguous()
 
 
 def same_weights(a, b):
@@ -345,7 +357,8 @@ def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, f
                 "codec": data.codec, "config": dataclasses.asdict(cfg), "styles": data.styles,
                 "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val_loss,
                 "train_seconds": seconds_before + time.time() - t_start,
-                "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from}
+                "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from,
+                "reference_codes": data.reference}
         if data.codec_weights is not None:   # the fitted codec: sample.py decodes with it, no data_dir needed
             ckpt["codec_weights"] = data.codec_weights
         save_checkpoint(cfg.out_dir, {**ckpt, "optimizer": optimizer.state_dict(), "rng": rng} if last else ckpt, last)

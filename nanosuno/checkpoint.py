@@ -21,6 +21,8 @@ Each holds:
     rng              one dict per training process (rank r's at r): {torch: ByteTensor, cuda: ByteTensor or
                      None, batches: ByteTensor (the batch sampler's generator)}
     finetuned_from   {path, iter_num} of the checkpoint a fine-tuning run started from, or None
+    reference_codes  (K, frames) int64: the start of a val file (8 s), so that sample.py can let you
+                     hear what the codec makes of your own music beside the samples
 
 The structure is checked on load (check_structure): a valid torch file of another structure, or
 weights that are NaN or inf, end in one line, not in a KeyError deep inside train.py or sample.py.
@@ -144,6 +146,12 @@ def check_structure(ckpt, resume=False):
             spectral_from_weights(ckpt["codec_weights"])
         except ValueError as e:
             return f"codec_weights: {e}"
+    reference = ckpt.get("reference_codes")   # (absent before checkpoints carried it)
+    if reference is not None and not (isinstance(reference, torch.Tensor) and reference.dtype == torch.int64
+                                      and reference.dim() == 2 and reference.shape[0] == args.get("n_codebooks")
+                                      and (reference.numel() == 0 or 0 <= int(reference.min()) <= int(reference.max())
+                                           < args["codebook_size"])):
+        return "reference_codes are not codes (n_codebooks, frames) of its codebooks"
     if resume:
         # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
         states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]

@@ -1,9 +1,11 @@
 """The spectral codec through the pipeline: prepare.py fits it on the corpus and stores it beside the
 tokens, train.py puts it in every checkpoint, sample.py decodes with it without the data_dir. A small
 synthetic corpus (the spectral codec needs >= 14 s of train audio), CPU."""
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -103,6 +105,13 @@ def test_the_checkpoint_carries_the_codec_and_sample_needs_no_data_dir(prepared,
     sample.main([f"--out_dir={out}", "--device=cpu", "--seconds=1", "--num_samples=1"])
     audio, rate = sf.read(out / "samples" / "001" / "sample_000.wav")
     assert rate == 24000 and len(audio) == 24000 and abs(audio).max() > 0
+    # beside the samples: the start of a val file through the codec, from the checkpoint alone
+    reference, _ = sf.read(out / "samples" / "001" / "reference.wav")
+    val = json.load(open(root / "tokens" / "meta.json"))["splits"]["val"]["files"][0]
+    assert len(reference) == min(600, val["frames"]) * 320 and abs(reference).max() > 0
+    assert torch.equal(ckpt["reference_codes"], torch.from_numpy(
+        np.fromfile(root / "tokens" / "val.bin", dtype=np.uint16).reshape(-1, 8)[:min(600, val["frames"])].astype(np.int64)).T)
+    assert "your music through the codec" in open(out / "samples" / "001" / "index.html").read()
 
 
 def test_a_checkpoint_with_corrupt_codec_weights_is_one_line(trained, tmp_path):

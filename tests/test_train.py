@@ -535,6 +535,8 @@ def test_weights_that_turn_nan_are_never_saved_and_never_loaded(trained, tmp_pat
     (lambda c: c["codec"].update(frame_rate=0), r"codec untrained: frame_rate 0 \(the codec's is 75\)"),
     (lambda c: c["model_args"].update(codebook_size=512),
      r"its model has 8 codebooks of 512 codes, its codec 8 of 1024"),
+    (lambda c: c.update(reference_codes=torch.full((8, 5), 5000)), r"reference_codes are not codes \(n_codebooks, frames\)"),
+    (lambda c: c.update(reference_codes=torch.zeros(3, 5, dtype=torch.long)), r"reference_codes are not codes"),
 ])
 def test_a_checkpoint_whose_vocabulary_is_not_its_codecs_is_one_line(trained, tmp_path, change, message):
     data, out = copy_run(trained, tmp_path)
