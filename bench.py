@@ -326,7 +326,7 @@ def bench_loops(ckpt_path, out, loop_seconds=8.0, num_samples=4, seed=1337):
     import torch
     from nanosuno.audio import save_wav
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
-    from nanosuno.codec import codec_for
+    from nanosuno.codec import codec_for, decode_loop
     from nanosuno.evaluate import frame_cross_entropy, seam_flux
     from nanosuno.generate import generate_loop, loop_bridge
     from nanosuno.plots import save_spectrograms
@@ -342,8 +342,7 @@ def bench_loops(ckpt_path, out, loop_seconds=8.0, num_samples=4, seed=1337):
         start = time.perf_counter()
         loop, seam = generate_loop(model, frames, seed=seed + 1000 * i)
         inside = frame_cross_entropy(model, loop, loop_bridge(frames))
-        n = frames * codec.hop_length
-        audio = codec.decode(torch.cat([loop, loop, loop], dim=1))[n:2 * n]   # as sample.py decodes a loop
+        audio = decode_loop(codec, loop)   # as sample.py decodes a loop
         flux, p95 = seam_flux(audio)
         seams.append(dict(seam_nats=seam, inside_nats=inside, seam_flux=flux, inside_flux_p95=p95))
         print(f"  loop {i}: model {seam:.3f} nats at the seam vs {inside:.3f} inside ({seam - inside:+.3f}); spectral "

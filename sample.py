@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
-from nanosuno.codec import codec_for
+from nanosuno.codec import codec_for, decode_loop
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
@@ -196,13 +196,6 @@ def make_loops(cfg, model, codec, frames, prompt, style_ids, cfg_coef, labels):
         new_labels.append(f"{label}; a loop of {frames / codec.frame_rate:.3g} s; {measures}")
         steps += 2 * frames
     return torch.stack(codes), new_labels, steps
-
-
-def decode_loop(codec, loop):
-    """A loop's audio as it sounds repeated: the middle of three copies decoded in one piece, so that
-    its start follows its own end (and its end leads into its start) as in playback."""
-    n = loop.shape[1] * codec.hop_length
-    return codec.decode(torch.cat([loop, loop, loop], dim=1))[n:2 * n]
 
 
 def write_samples(sample_dir, codes, codec, seed, labels, loop=False):

@@ -236,6 +236,24 @@ def codec_for(info, weights=None, codec_dir=None, device="cpu"):
     return codec_from_weights("spectral", weights, device)
 
 
+LOOP_FADE_SECONDS = 0.05   # the crossfade at a loop's seam (decode_loop)
+
+
+def decode_loop(codec, loop):
+    """The audio of a loop of codes (K, frames) as it is to sound repeated, with no click where it
+    starts again. Decoded as the middle of three copies in one piece, its start follows its own end
+    as in playback; and the audio that followed its end there (the next copy's start, where the
+    decoder's phase runs on from the end) is crossfaded into its first LOOP_FADE_SECONDS, so the
+    last sample leads into the first as it did in the decoded stream."""
+    n = loop.shape[1] * codec.hop_length
+    audio = codec.decode(torch.cat([loop, loop, loop], dim=1))
+    body, after = audio[n:2 * n].clone(), audio[2 * n:]
+    fade = min(round(LOOP_FADE_SECONDS * codec.sample_rate), n // 4)
+    ramp = 0.5 - 0.5 * torch.cos(torch.linspace(0, math.pi, fade))   # 0 -> 1, a raised cosine
+    body[:fade] = after[:fade] * (1 - ramp) + body[:fade] * ramp
+    return body
+
+
 def _hub_dir():
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
