@@ -243,7 +243,8 @@ def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, t
                   context_stride=0.25, style=None, cfg_coef=None, candidates=8, progress=None):
     """One loop of exactly loop_frames frames: codes (K, loop_frames) that repeat without a seam as
     the model hears it. An autoregressive model cannot see the beginning it must lead back to, so
-    the loop is made in two parts: a body (all but the last second, or quarter, of the loop), then
+    the loop is made in two parts: a body (all but the last second, or quarter, of the loop, after a
+    lead-in of as many frames that is dropped), then
     `candidates` bridges that continue the body, sampled in one batch; the bridge kept is the one
     after which the model finds the loop's own beginning most likely (the lowest
     frame_cross_entropy of the loop's first second, with the loop's end put before it). Returns the
@@ -253,7 +254,9 @@ def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, t
         raise ValueError(f"a loop of {loop_frames} frames needs a context of {loop_frames + bridge} steps and "
                          f"more, the model's is {model.config.block_size}")
     styles = None if style is None else [style]
-    body = generate(model, loop_frames - bridge, prompt, temperature, top_k, top_p, 1, seed, context_stride,
+    # the body comes after a lead-in of `bridge` frames, dropped: a loop starts inside the music, not
+    # where the model learned that pieces begin (quietly: a dip at every repeat)
+    body = generate(model, loop_frames, prompt, temperature, top_k, top_p, 1, seed, context_stride,
                     progress, styles, cfg_coef)[0, :, -(loop_frames - bridge):]
     ends = generate(model, bridge, body, temperature, top_k, top_p, candidates, seed + 1, context_stride,
                     progress, styles, cfg_coef)[:, :, -bridge:]
