@@ -872,7 +872,7 @@ def main(argv):
     parser.add_argument("--workers", type=int, default=1, help="prepare: also run prepare with this many worker processes")
     parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to compile)")
     parser.add_argument("--batch_size", type=int, default=None, help="train: batch size (default 2 on CPU, 16 on CUDA)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # (codec: options, then the files)
     if args.what in ("prepare", "all"):
         bench_prepare(args.corpus, args.minutes, args.long_minutes, args.codec, args.repeats, args.workers)
     if args.what in ("train", "all"):
