@@ -281,6 +281,8 @@ def main(argv):
     cfg_coef = cfg.cfg_coef if styles and cfg.cfg_coef != 1 else None
     labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in styles for _ in range(cfg.num_samples)] \
         if styles else ["no style (unconditional)"] * cfg.num_samples
+    if cfg.bpm and not cfg.loop_seconds:
+        raise UserError("bpm snaps a loop's length to whole beats: give loop_seconds too")
     new_frames = loop_frames(cfg, ckpt["codec"]["frame_rate"], block_size, K) if cfg.loop_seconds else \
         max(1, round(cfg.seconds * ckpt["codec"]["frame_rate"]))
     check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)

@@ -489,6 +489,7 @@ def test_sample_writes_loops_of_exactly_their_length_and_plays_them_repeated(cyc
                            r"0.9 s must hold the loop and the start it leads back to\)$"),
     (["--loop_seconds=0.3", "--seconds=4"], r"^loop_seconds sets each loop's length: leave seconds out$"),
     (["--loop_seconds=-1"], r"setting 'loop_seconds' must be None or > 0, got -1.0"),
+    (["--bpm=120"], r"^bpm snaps a loop's length to whole beats: give loop_seconds too$"),
 ])
 def test_bad_loop_settings_are_one_line(cycle_model, args, message):
     with pytest.raises(UserError, match=message):
