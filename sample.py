@@ -34,7 +34,7 @@ from nanosuno.codec import codec_for, decode_loop
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
-from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, prompt_frames_used
+from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, loop_fits, prompt_frames_used
 from nanosuno.hardware import pick_decode_dtype, pick_device
 from nanosuno.plots import save_spectrogram
 
@@ -169,9 +169,8 @@ def loop_frames(cfg, frame_rate, block_size, n_codebooks):
     if cfg.bpm:
         seconds = max(1, round(seconds * cfg.bpm / 60)) * 60 / cfg.bpm
     frames = max(2, round(seconds * frame_rate))
-    fits = lambda n: n + loop_bridge(n) + n_codebooks - 1 <= block_size   # the loop, then its start again
-    if not fits(frames):
-        most = max((n for n in range(2, block_size) if fits(n)), default=0)
+    if not loop_fits(frames, block_size, n_codebooks):
+        most = max((n for n in range(2, block_size) if loop_fits(n, block_size, n_codebooks)), default=0)
         raise UserError(f"loop_seconds={cfg.loop_seconds:g} is longer than this model can loop: at most "
                         f"{most / frame_rate:.2f} s (its context of {block_size / frame_rate:.1f} s must hold the "
                         f"loop and the start it leads back to)")
@@ -181,30 +180,32 @@ def loop_frames(cfg, frame_rate, block_size, n_codebooks):
 def make_loops(cfg, model, codec, frames, prompt, style_ids, cfg_coef, labels):
     """One loop (generate_loop) per sample, each with its seam measures printed and in its label:
     the model's cross-entropy of the loop's first second after its end against the mean inside it,
-    and the audio's spectral flux across the seam against its 95th percentile inside."""
-    codes, new_labels, steps = [], [], 0
+    and the audio's spectral flux across the seam against its 95th percentile inside. Returns the
+    codes, the labels, the model steps taken and each loop's audio (decode_loop: measured, then written)."""
+    codes, new_labels, steps, waveforms = [], [], 0, []
     for i, label in enumerate(labels):
         style = style_ids[i // cfg.num_samples] if style_ids else None
         loop, seam = generate_loop(model, frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + 1000 * i,
                                    cfg.context_stride, style, cfg_coef)
         inside = frame_cross_entropy(model, loop, loop_bridge(frames), style)
-        flux, p95 = seam_flux(decode_loop(codec, loop))
+        waveforms.append(decode_loop(codec, loop))
+        flux, p95 = seam_flux(waveforms[-1])
         measures = (f"seam: model {seam:.2f} nats vs {inside:.2f} inside; spectral flux {flux:.0f} vs 95th "
                     f"percentile {p95:.0f} inside ({'no click' if flux <= p95 else 'audible seam'})")
         print(f"loop {i}: {frames / codec.frame_rate:.3f} s ({frames} frames), {measures}")
         codes.append(loop)
         new_labels.append(f"{label}; a loop of {frames / codec.frame_rate:.3g} s; {measures}")
-        steps += 2 * frames
-    return torch.stack(codes), new_labels, steps
+        steps += frames + loop_bridge(frames)   # the lead-in and body, then the bridges (one batch)
+    return torch.stack(codes), new_labels, steps, waveforms
 
 
-def write_samples(sample_dir, codes, codec, seed, labels, loop=False):
-    """Decode each piece (each loop: decode_loop) and write its WAV and spectrogram (titled with its
-    label: style and guidance); returns the names written."""
+def write_samples(sample_dir, codes, codec, seed, labels, waveforms=None):
+    """Decode each piece (or take its audio from waveforms, already decoded: loops) and write its WAV
+    and spectrogram (titled with its label: style and guidance); returns the names written."""
     names = []
     for i in range(codes.shape[0]):   # one at a time: a long piece's decoder activations are large
         name = f"sample_{i:03d}"
-        waveform = decode_loop(codec, codes[i]) if loop else codec.decode(codes[i])
+        waveform = waveforms[i] if waveforms is not None else codec.decode(codes[i])
         save_wav(os.path.join(sample_dir, f"{name}.wav"), waveform, codec.sample_rate)
         save_spectrogram(os.path.join(sample_dir, f"{name}.png"), waveform, codec.sample_rate,
                          f"{name}: {waveform.numel() / codec.sample_rate:.1f} s, seed {seed}, {labels[i]}")
@@ -299,17 +300,18 @@ def main(argv):
     with lock_folder(sample_dir, "sample_dir"):  # one run at a time writes into sample_dir
         t0 = time.perf_counter()
         if cfg.loop_seconds:
-            codes, labels, steps = make_loops(cfg, model, codec, new_frames, prompt, style_ids, cfg_coef, labels)
+            codes, labels, steps, waveforms = make_loops(cfg, model, codec, new_frames, prompt, style_ids, cfg_coef,
+                                                         labels)
         else:
             with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
                 codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
                                  cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
-            steps = bar.total
+            steps, waveforms = bar.total, None   # (decoded as they are written)
             codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
         t1 = time.perf_counter()
         run_dir = new_run_dir(sample_dir)
         with atomic_folder(run_dir) as folder:   # the run's folder appears complete, or not at all
-            names = write_samples(folder, codes, codec, cfg.seed, labels, loop=bool(cfg.loop_seconds))
+            names = write_samples(folder, codes, codec, cfg.seed, labels, waveforms)
             t2 = time.perf_counter()
             settings = {"checkpoint": f"{checkpoint_path(cfg.out_dir)} (iteration {ckpt.get('iter_num', '?')})",
                         "codec": f"{codec.name} ({codec.bandwidth} kbps, {K} codebooks)",

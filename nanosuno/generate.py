@@ -239,6 +239,12 @@ def loop_bridge(loop_frames):
     return min(max(1, loop_frames // 4), 75)
 
 
+def loop_fits(loop_frames, block_size, n_codebooks):
+    """True when a model of this context can make a loop of loop_frames frames: the loop, then its
+    start again (the bridge's length, where the seam is scored), in one delayed window."""
+    return loop_frames + loop_bridge(loop_frames) + n_codebooks - 1 <= block_size
+
+
 def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, seed=1337,
                   context_stride=0.25, style=None, cfg_coef=None, candidates=8, progress=None):
     """One loop of exactly loop_frames frames: codes (K, loop_frames) that repeat without a seam as
@@ -250,7 +256,7 @@ def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, t
     frame_cross_entropy of the loop's first second, with the loop's end put before it). Returns the
     codes and that seam cross-entropy."""
     bridge = loop_bridge(loop_frames)
-    if loop_frames + bridge + model.config.n_codebooks - 1 > model.config.block_size:
+    if not loop_fits(loop_frames, model.config.block_size, model.config.n_codebooks):
         raise ValueError(f"a loop of {loop_frames} frames needs a context of {loop_frames + bridge} steps and "
                          f"more, the model's is {model.config.block_size}")
     styles = None if style is None else [style]
