@@ -637,31 +637,31 @@ def random_model(n_layer=6, n_head=8, n_embd=256, block_size=2048):
     return model.eval()
 
 
-def decode_loop_rate(model, context, steps, batch_size=1):
-    """steps/s of a bare loop of decode_step calls after `context` cached steps, nothing sampled:
+def decode_loop_rate(decoder, context, steps, batch_size=1):
+    """steps/s of a bare loop of Decoder.step calls after `context` cached steps, nothing sampled:
     what the model alone costs."""
     import torch
-    K = model.config.n_codebooks
-    cache, codes = model.new_cache(batch_size), torch.zeros(batch_size, K, dtype=torch.long)
+    K = decoder.config.n_codebooks
+    cache, codes = decoder.new_cache(batch_size), torch.zeros(batch_size, K, dtype=torch.long)
     with torch.inference_mode():
-        model.prefill(torch.zeros(batch_size, K, context, dtype=torch.long), cache)
+        decoder.prefill(torch.zeros(batch_size, K, context, dtype=torch.long), cache)
         start = time.perf_counter()
         for _ in range(steps):
-            model.decode_step(codes, cache)
+            decoder.step(codes, cache)
     return steps / (time.perf_counter() - start)
 
 
-def generate_rate(model, new_frames, prompt_frames=0, batch_size=1, context_stride=0.25):
+def generate_rate(decoder, new_frames, prompt_frames=0, batch_size=1, context_stride=0.25):
     """steps/s of generate()'s steps (default sampling settings, prefill left out), and its codes.
     On a GPU the whole call is timed (Python runs ahead of the GPU): prefill (and on CUDA graph
     capture) too."""
     import torch
     from nanosuno.generate import generate
-    device = model.lm_heads.weight.device
-    prompt = torch.randint(0, 1024, (model.config.n_codebooks, prompt_frames)) if prompt_frames else None
+    device = decoder.device
+    prompt = torch.randint(0, 1024, (decoder.config.n_codebooks, prompt_frames)) if prompt_frames else None
     clock = StepClock()
     start = time.perf_counter()
-    codes = generate(model, new_frames, prompt, num_samples=batch_size, context_stride=context_stride, progress=clock)
+    codes = generate(decoder, new_frames, prompt, num_samples=batch_size, context_stride=context_stride, progress=clock)
     if device.type != "cpu":
         _sync(device.type)
         return clock.steps / (time.perf_counter() - start), codes
@@ -688,25 +688,25 @@ def gpt2_rate(new_tokens, batch_size=1):
     return (out.shape[1] - 1) / (time.perf_counter() - start)
 
 
-def weight_matrices_us(model, batch_size=1, repeats=200):
-    """How many weight matrices decode_step multiplies, and the us they take alone, each once by an
-    input of batch_size rows as decode_step does it (after model.prepare_decode): the part of a
-    step that reads the weights."""
+def weight_matrices_us(decoder, batch_size=1, repeats=200):
+    """How many weight matrices a Decoder's step multiplies, and the us they take alone, each once by
+    an input of batch_size rows as the step does it: the part of a step that reads the weights."""
     import torch
-    from nanosuno.model import _matmul
-    dtype = model.lm_heads.weight.dtype
-    matrices = [w for layer in model.decode_weights for w in layer.values() if isinstance(w, tuple) or w.dim() == 2]
+    from nanosuno.decode import matmul
+    dtype = decoder.model.lm_heads.weight.dtype
+    matrices = [w for layer in decoder.layers for w in layer.values() if isinstance(w, tuple) or w.dim() == 2]
+    matrices.append(decoder.heads)
     # an int8 matrix is (out, in) with its scales; a float one is the parameter transposed, (in, out)
     inputs = [torch.randn(batch_size, w[0].shape[1] if isinstance(w, tuple) else w.shape[0], dtype=dtype)
               for w in matrices]
     with torch.inference_mode():
         for _ in range(10):
             for x, w in zip(inputs, matrices):
-                _matmul(x, w)
+                matmul(x, w)
         start = time.perf_counter()
         for _ in range(repeats):
             for x, w in zip(inputs, matrices):
-                _matmul(x, w)
+                matmul(x, w)
     return len(matrices), (time.perf_counter() - start) / repeats * 1e6
 
 
@@ -723,16 +723,16 @@ def bench_sample(repeats=3):
     import torch
     from nanosuno.codec import load_codec
     from nanosuno.hardware import pick_decode_dtype, pick_device
-    from nanosuno.model import DECODE_DTYPES
+    from nanosuno.decode import DECODE_DTYPES, Decoder
     device = pick_device("auto")
     if device != "cpu":
         return bench_sample_gpu(device)
     short, full, threads = 750, 2048, torch.get_num_threads()
     auto = pick_decode_dtype("auto", device)
-    models = {dtype: random_model().prepare_decode(dtype) for dtype in DECODE_DTYPES}  # each its own, the same weights
+    models = {dtype: Decoder(random_model(), dtype) for dtype in DECODE_DTYPES}  # each its own, the same weights
     print(f"sample: config/small.py shape, random weights; {_cpu_name()}, {threads} threads; load average "
           f"{os.getloadavg()[0]:.1f}; steps/s (75 steps = 1 s of audio), best of {repeats}")
-    print("bare = a loop of model.decode_step calls; generate() = the same plus sampling (top_k 250) and bookkeeping")
+    print("bare = a loop of Decoder.step calls; generate() = the same plus sampling (top_k 250) and bookkeeping")
     print(f"{'decode_dtype':14} {'threads':>7} | {'bare 0-10 s':>11} {'generate()':>10} | {'bare 25-27 s':>12} {'generate()':>10}")
     rates = {}
     for dtype, model in models.items():
@@ -753,7 +753,7 @@ def bench_sample(repeats=3):
     print(f"default (decode_dtype=auto = {auto}, {threads} threads): {gen_short:.0f} steps/s from scratch "
           f"(target: at least 1500), {gen_full:.0f} at 25-27 s of context (target: at least 1000)")
     n_matrices, matrices_us = weight_matrices_us(model)
-    print(f"  a decode_step takes {1e6 / bare_short:.0f} us at 0-10 s and {1e6 / bare_full:.0f} at 25-27 s; its "
+    print(f"  a decode step takes {1e6 / bare_short:.0f} us at 0-10 s and {1e6 / bare_full:.0f} at 25-27 s; its "
           f"{n_matrices} weight matrices alone {matrices_us:.0f} (the rest: attention, which grows with the "
           f"context, norms, casts, dispatch); sampling and bookkeeping add {1e6 / gen_short - 1e6 / bare_short:.0f}")
 
@@ -781,14 +781,15 @@ def bench_sample(repeats=3):
 
 
 def bench_sample_gpu(device):
-    """Generation on a GPU (CUDA: each step a captured graph, generate.CUDAGraphStep; MPS: eager),
+    """Generation on a GPU (CUDA: each step a captured graph, decode.CUDAGraphStep; MPS: eager),
     bfloat16, batch 1 and 64, at config/small.py's shape and at 768 x 12."""
     import torch
+    from nanosuno.decode import Decoder
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
     print(f"sample on {name}: random weights, decode_dtype bfloat16; steps/s (75 steps = 1 s of audio) "
           f"of 750-step generate() calls, prefill{' and graph capture' if device.startswith('cuda') else ''} included")
     for shape, dims in (("small", dict(n_layer=6, n_head=8, n_embd=256)), ("768x12", dict(n_layer=12, n_head=12, n_embd=768))):
-        model = random_model(**dims).to(device).prepare_decode("bfloat16")
+        model = Decoder(random_model(**dims).to(device), "bfloat16")
         for batch_size in (1, 64):
             generate_rate(model, 50, batch_size=batch_size)  # warm-up
             rate = generate_rate(model, 750, batch_size=batch_size)[0]
@@ -808,7 +809,7 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     from nanosuno.data import read_meta
     from nanosuno.evaluate import decode_cross_entropy, stacked_windows
     from nanosuno.hardware import pick_decode_dtype
-    from nanosuno.model import DECODE_DTYPES
+    from nanosuno.decode import DECODE_DTYPES, Decoder
     meta, out_dir = read_meta(data_dir), None
     if ckpt_path is None:
         out_dir = tempfile.mkdtemp(prefix="bench-decode-quality-")
@@ -823,10 +824,10 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     K = ckpt["model_args"]["n_codebooks"]
     windows = stacked_windows(data_dir, meta, K, min(window, ckpt["model_args"]["block_size"]))
     print(f"decode_quality: {ckpt_path} (iteration {ckpt.get('iter_num', '?')}); {len(windows)} val windows of "
-          f"{windows.shape[2]} steps x {K} codebooks from {data_dir}, teacher-forced through decode_step; {_cpu_name()}")
+          f"{windows.shape[2]} steps x {K} codebooks from {data_dir}, teacher-forced through Decoder.step; {_cpu_name()}")
     results = {}
     for dtype in DECODE_DTYPES:
-        model = model_from_checkpoint(ckpt).eval().prepare_decode(dtype)
+        model = Decoder(model_from_checkpoint(ckpt).eval(), dtype)
         results[dtype] = decode_cross_entropy(model, windows)
     reference, reference_logits = results["float32"]
     print(f"{'decode_dtype':14} {'val CE (nats)':>13} {'vs float32':>10} {'max |logit - float32|':>22}  (logit std {reference_logits.std():.2f})")

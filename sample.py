@@ -33,6 +33,7 @@ from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_pat
 from nanosuno.codec import codec_for, decode_loop
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
+from nanosuno.decode import Decoder, cache_dtype
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
 from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, loop_fits, prompt_frames_used
 from nanosuno.hardware import pick_decode_dtype, pick_device
@@ -112,7 +113,7 @@ def check_memory(model, codec_info, new_frames, pieces, prompt, device, guided=F
     # a stream's cache, 24 floats of n_embd per step for a prefill's activations (its peak RSS grew by
     # 272 MB in float32 and 155 MB in int8 for 4 streams of 2048 steps at config/small.py's shape,
     # against 302 MB counted here), and one step's logits and sampling buffers
-    stream = (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * model.cache_dtype.itemsize + 4 * 24 * cfg.n_embd)
+    stream = (cfg.block_size * (2 * cfg.n_layer * cfg.n_embd * cache_dtype(model).itemsize + 4 * 24 * cfg.n_embd)
               + 3 * 4 * cfg.n_codebooks * cfg.codebook_size)
     model_bytes = (2 if guided else 1) * stream                      # per piece
     codes_bytes = 8 * cfg.n_codebooks                                 # per piece and frame, one copy
@@ -177,7 +178,7 @@ def loop_frames(cfg, frame_rate, block_size, n_codebooks):
     return frames
 
 
-def make_loops(cfg, model, codec, frames, prompt, style_ids, cfg_coef, labels):
+def make_loops(cfg, decoder, codec, frames, prompt, style_ids, cfg_coef, labels):
     """One loop (generate_loop) per sample, each with its seam measures printed and in its label:
     the model's cross-entropy of the loop's first second after its end against the mean inside it,
     and the audio's spectral flux across the seam against its 95th percentile inside. Returns the
@@ -185,9 +186,9 @@ def make_loops(cfg, model, codec, frames, prompt, style_ids, cfg_coef, labels):
     codes, new_labels, steps, waveforms = [], [], 0, []
     for i, label in enumerate(labels):
         style = style_ids[i // cfg.num_samples] if style_ids else None
-        loop, seam = generate_loop(model, frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + 1000 * i,
+        loop, seam = generate_loop(decoder, frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + 1000 * i,
                                    cfg.context_stride, style, cfg_coef)
-        inside = frame_cross_entropy(model, loop, loop_bridge(frames), style)
+        inside = frame_cross_entropy(decoder.model, loop, loop_bridge(frames), style)
         waveforms.append(decode_loop(codec, loop))
         flux, p95 = seam_flux(waveforms[-1])
         measures = (f"seam: model {seam:.2f} nats vs {inside:.2f} inside; spectral flux {flux:.0f} vs 95th "
@@ -270,7 +271,8 @@ def main(argv):
     decode_dtype = pick_decode_dtype(cfg.decode_dtype, device)
     ckpt = load_checkpoint(cfg.out_dir, device)
     check_codec_setting(cfg.codec, ckpt["codec"]["name"], f"{checkpoint_path(cfg.out_dir)} was trained on")
-    model = model_from_checkpoint(ckpt, device).eval().prepare_decode(decode_dtype)
+    model = model_from_checkpoint(ckpt, device).eval()
+    decoder = Decoder(model, decode_dtype)   # casts the model to the decode precision
     K, block_size = model.config.n_codebooks, model.config.block_size
     # generate() checks these too; here they fail before the codec loads and anything is written
     check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
@@ -300,11 +302,11 @@ def main(argv):
     with lock_folder(sample_dir, "sample_dir"):  # one run at a time writes into sample_dir
         t0 = time.perf_counter()
         if cfg.loop_seconds:
-            codes, labels, steps, waveforms = make_loops(cfg, model, codec, new_frames, prompt, style_ids, cfg_coef,
+            codes, labels, steps, waveforms = make_loops(cfg, decoder, codec, new_frames, prompt, style_ids, cfg_coef,
                                                          labels)
         else:
             with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
-                codes = generate(model, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                codes = generate(decoder, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
                                  cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
             steps, waveforms = bar.total, None   # (decoded as they are written)
             codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]

@@ -74,19 +74,19 @@ def stacked_windows(data_dir, meta, n_codebooks, steps, split="val"):
 
 
 @torch.inference_mode()
-def decode_cross_entropy(model, windows, batch_size=16):
+def decode_cross_entropy(decoder, windows, batch_size=16):
     """Teacher-forced cross-entropy of windows (N, K, T) fed one step at a time through
-    model.decode_step, from an empty cache: the mean over codebooks of each codebook's mean over its
+    decoder.step (a decode.Decoder), from an empty cache: the mean over codebooks of each codebook's mean over its
     real targets, in nats. Also returns the first window's logits (K, T - 1, V), for comparing
     precisions logit by logit."""
     N, K, T = windows.shape
-    special = model.config.codebook_size
+    special = decoder.config.codebook_size
     total, count, first = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), []
     for i in range(0, N, batch_size):
         batch = windows[i:i + batch_size]
-        cache = model.new_cache(len(batch), T)
+        cache = decoder.new_cache(len(batch), T)
         for t in range(T - 1):
-            logits = model.decode_step(batch[:, :, t], cache).float()      # predicts step t + 1
+            logits = decoder.step(batch[:, :, t], cache).float()      # predicts step t + 1
             target = batch[:, :, t + 1]
             losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=special, reduction="none")
             total += losses.sum(0).double()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nanosuno.common import UserError
+from nanosuno.decode import CUDAGraphStep, Decoder
 from nanosuno.config import check_value
 from nanosuno.evaluate import frame_cross_entropy
 from nanosuno.pattern import delay_deinterleave, delay_interleave
@@ -99,45 +100,17 @@ def prompt_frames_used(model, prompt_frames, context_stride=0.25):
     return min(prompt_frames, context_keep_steps(cfg.block_size, context_stride, cfg.n_codebooks))
 
 
-class CUDAGraphStep:
-    """model.decode_step for one cache, captured once as a CUDA graph.
-
-    A decode step is ~100 small kernels. Launched one by one from Python, the GPU spends most of a
-    step waiting for the next launch; captured, a step is one graph launch plus two small copies
-    into its input buffers, with no host sync, so Python runs ahead and the GPU stays busy. A graph
-    replays fixed shapes: the position is a device tensor, and each step attends over the whole
-    cache with the steps beyond it masked (GPT.step_logits). Replays read and write the cache's
-    tensors in place, so prefills and window slides between steps need nothing from the graph.
-    Build it on an empty cache (warming up writes a step at position 0), with the styles every step
-    will use (see GPT.add_style)."""
-
-    def __init__(self, model, cache, styles=None):
-        if cache.length:
-            raise ValueError("CUDAGraphStep warms up at position 0: build it before filling the cache")
-        B, device = cache.kv[0].shape[1], cache.kv[0].device
-        self.model, self.styles = model, styles     # the graph reads the styles from this tensor
-        self.codes = torch.zeros(B, model.config.n_codebooks, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        # warm up on a side stream before capturing (kernels choose their algorithms and workspaces)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.step_logits(self.codes, cache.kv, self.position, styles)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step_logits(self.codes, cache.kv, self.position, styles)
-
-    def __call__(self, codes, cache):
-        """model.decode_step(codes, cache, styles). The logits returned are the graph's output buffer: the
-        next step overwrites them."""
-        self.model.check_fits(cache.length, 1)
-        self.codes.copy_(codes)
-        self.position.fill_(cache.length)
-        self.graph.replay()
-        cache.advance(1)
-        return self.logits
+def check_request(model_config, new_frames, prompt, styles, cfg_coef):
+    """Refuse what generate() cannot make of this model: its arguments besides the sampling settings."""
+    K, n_styles = model_config.n_codebooks, model_config.n_styles
+    if new_frames < 1:
+        raise ValueError(f"new_frames must be at least 1, got {new_frames}")
+    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
+        raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
+    if styles is not None and not (styles and all(0 <= s < n_styles for s in styles)):
+        raise ValueError(f"styles must be ids in 0..{n_styles - 1} (the model's styles), got {styles}")
+    if cfg_coef is not None and styles is None:
+        raise ValueError("cfg_coef guides towards a style: give styles too")
 
 
 @torch.inference_mode()
@@ -145,6 +118,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
              seed=1337, context_stride=0.25, progress=None, styles=None, cfg_coef=None):
     """Sample `num_samples` pieces (per style) of `new_frames` new frames in one batch.
 
+    model        a GPT (run as it is), or a decode.Decoder of one (in its decode precision).
     prompt       optional un-delayed codes (K, frames) to continue, of any length: its last
                  prompt_frames_used() frames come first in every piece (forced, not sampled).
     temperature  0 = greedy; top_k in 1..codebook_size; top_p in [0, 1], 0 = off.
@@ -158,17 +132,11 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
                  the pieces (see module doc).
     Returns un-delayed codes (pieces, K, prompt frames used + new_frames), never the special token.
     """
-    cfg = model.config
-    K, special, device = cfg.n_codebooks, cfg.codebook_size, model.lm_heads.weight.device
+    decoder = model if isinstance(model, Decoder) else Decoder(model)
+    cfg = decoder.config
+    K, special, device = cfg.n_codebooks, cfg.codebook_size, decoder.device
     check_sampling(special, temperature, top_k, top_p, num_samples, context_stride, cfg_coef=cfg_coef)
-    if new_frames < 1:
-        raise ValueError(f"new_frames must be at least 1, got {new_frames}")
-    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
-        raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
-    if styles is not None and not (styles and all(0 <= s < cfg.n_styles for s in styles)):
-        raise ValueError(f"styles must be ids in 0..{cfg.n_styles - 1} (the model's styles), got {styles}")
-    if cfg_coef is not None and styles is None:
-        raise ValueError("cfg_coef guides towards a style: give styles too")
+    check_request(cfg, new_frames, prompt, styles, cfg_coef)
     B = num_samples * (1 if styles is None else len(styles))
     # the model's streams: the pieces, then (guided) each piece again without its style
     guided, stream_styles = cfg_coef is not None, None
@@ -201,16 +169,16 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
             codes[:, k, :k] = special
         return codes
 
-    cache = model.new_cache(streams)
+    cache = decoder.new_cache(streams)
     if device.type == "cuda":   # a step is one captured graph instead of ~100 kernel launches
-        decode_step = CUDAGraphStep(model, cache, stream_styles)
+        decode_step = CUDAGraphStep(decoder, cache, stream_styles)
     else:
-        decode_step = lambda codes, cache: model.decode_step(codes, cache, stream_styles)
+        decode_step = lambda codes, cache: decoder.step(codes, cache, stream_styles)
     if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
-        logits = model.prefill(both(window(0, P)), cache, stream_styles)
+        logits = decoder.prefill(both(window(0, P)), cache, stream_styles)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
         start = torch.full((streams, K, 1), special, dtype=torch.long, device=device)
-        logits = model.prefill(start, cache, stream_styles)
+        logits = decoder.prefill(start, cache, stream_styles)
         cache.reset()
 
     for s in range(P, steps):
@@ -228,7 +196,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
             logits = decode_step(both(codes), cache)
         else:   # context full: slide the window, re-read the most recent `keep` steps
             cache.reset()
-            logits = model.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)
+            logits = decoder.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)
 
     return delay_deinterleave(delayed)
 
@@ -255,19 +223,19 @@ def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, t
     after which the model finds the loop's own beginning most likely (the lowest
     frame_cross_entropy of the loop's first second, with the loop's end put before it). Returns the
     codes and that seam cross-entropy."""
-    bridge = loop_bridge(loop_frames)
+    bridge, decoder = loop_bridge(loop_frames), model if isinstance(model, Decoder) else Decoder(model)
     if not loop_fits(loop_frames, model.config.block_size, model.config.n_codebooks):
         raise ValueError(f"a loop of {loop_frames} frames needs a context of {loop_frames + bridge} steps and "
                          f"more, the model's is {model.config.block_size}")
     styles = None if style is None else [style]
     # the body comes after a lead-in of `bridge` frames, dropped: a loop starts inside the music, not
     # where the model learned that pieces begin (quietly: a dip at every repeat)
-    body = generate(model, loop_frames, prompt, temperature, top_k, top_p, 1, seed, context_stride,
+    body = generate(decoder, loop_frames, prompt, temperature, top_k, top_p, 1, seed, context_stride,
                     progress, styles, cfg_coef)[0, :, -(loop_frames - bridge):]
-    ends = generate(model, bridge, body, temperature, top_k, top_p, candidates, seed + 1, context_stride,
+    ends = generate(decoder, bridge, body, temperature, top_k, top_p, candidates, seed + 1, context_stride,
                     progress, styles, cfg_coef)[:, :, -bridge:]
     loops = [torch.cat([body, end], dim=1) for end in ends]
-    seams = [frame_cross_entropy(model, torch.cat([loop, loop[:, :bridge]], dim=1), loop_frames, style)
+    seams = [frame_cross_entropy(decoder.model, torch.cat([loop, loop[:, :bridge]], dim=1), loop_frames, style)
              for loop in loops]
     best = min(range(len(loops)), key=seams.__getitem__)
     return loops[best], seams[best]

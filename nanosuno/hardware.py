@@ -53,7 +53,7 @@ def pick_dtype(setting, device):
 
 
 def pick_decode_dtype(setting, device):
-    """Generation's precision, one of model.DECODE_DTYPES (the config checks the setting). 'auto' =
+    """Generation's precision, one of decode.DECODE_DTYPES (the config checks the setting). 'auto' =
     int8 on a CPU, bfloat16 on a GPU that has it, else float32. On a CPU a decode step is bound by
     reading the weights, and int8 reads a quarter of float32's bytes (bench.py decode_quality
     measures what it costs in cross-entropy)."""

@@ -12,10 +12,9 @@ for "no style" (id n_styles), is added to every step's input. Trained with label
 to "no style", the same model is also unconditional, which classifier-free guidance needs
 (generate.py). With n_styles = 0 (the default) there is no style table at all.
 
-Generation uses a KV cache: `prefill` runs the prompt once (the same Block code as training),
-then `decode_step` costs O(current length) per step. decode_step is forward() for one step
-written out flat, because at batch 1 on a CPU per-call overhead is a large part of a step; a
-test holds the two equal.
+Generation uses a KV cache (decode.py): `prefill` runs the prompt once through forward() (the same
+Block code as training), then decode.Decoder costs O(current length) per step, with forward() for
+one step written out flat there; a test holds the two equal.
 """
 import math
 from dataclasses import dataclass
@@ -25,10 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanosuno.optim import MuonAdamW
-
-
-# the precisions decode_step can run in (see GPT.prepare_decode)
-DECODE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclass
@@ -47,30 +42,6 @@ class GPTConfig:
 
 # settings in GPTConfig that shape how the model trains, not the model: resume may change them
 TRAINING_ONLY = ("dropout", "codebook0_weight")
-
-
-class KVCache:
-    """Keys and values of every layer for up to `max_len` steps, filled left to right.
-    Pre-allocated once so that a decode step writes one column in place instead of
-    concatenating (which would copy the whole cache each step). Per layer, keys and values
-    share one tensor (k/v, B, head, step, head_dim), so that writing a step is a single copy.
-    (One tensor per layer rather than one for all: torch.compile then updates them in place
-    instead of copying the whole cache every step.)"""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (2, batch_size, config.n_head, max_len, head_dim)
-        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.length = 0             # steps filled so far
-
-    def advance(self, steps):
-        """Count `steps` more steps as filled (the model has just written their keys and values)."""
-        self.length += steps
-
-    def reset(self):
-        """Empty the cache (nothing is erased: the next steps overwrite the old ones)."""
-        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             kv = cache.kv[layer]
             kv[:, :, :, start:end] = qkv[1:]
             k, v = kv[:, :, :, :end]
-            q = q.to(kv.dtype)  # the cache may be wider than the model (see new_cache)
+            q = q.to(kv.dtype)  # the cache may be wider than the model (see decode.cache_dtype)
             if T == 1:      # one new step sees every cached step: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:  # prefill from empty: plain causal
@@ -133,32 +104,6 @@ class Block(nn.Module):
     def forward(self, x, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
-
-
-def _decode_matrix(weight, int8):
-    """A weight matrix (out, in) as decode_step multiplies it: the parameter itself, transposed (a
-    view: it follows training and loading); or int8 with one bf16 scale per output row (symmetric,
-    absmax) for torch's dequantizing int8 kernel, a quarter of float32's bytes (a copy)."""
-    if not int8:
-        return weight.detach().t()
-    w = weight.detach().float()
-    scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-    return (w / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8), scales
-
-
-def _matmul(x, weight, bias=None, residual=None):
-    """residual + x @ weight + bias for decode_step (bias and residual optional), weight from
-    _decode_matrix: a float matrix, where one addmm also adds the residual; or an (int8 matrix,
-    scales) pair, whose kernel takes bf16 activations (an int8 model is bf16, see prepare_decode)."""
-    if isinstance(weight, tuple):
-        y = torch._weight_int8pack_mm(x, *weight)
-    elif residual is None:
-        y = x @ weight
-    else:
-        y, residual = torch.addmm(residual, x, weight), None
-    if bias is not None:
-        y = y + bias
-    return y if residual is None else residual + y
 
 
 def codebook_losses(logits, targets, special):
@@ -199,7 +144,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.decode_weights = None  # decode_step's view of the weights, see prepare_decode
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -252,99 +196,15 @@ class GPT(nn.Module):
             loss = losses.nansum() / self.loss_weights[~losses.isnan()].sum()
         return logits, loss
 
-    @property
-    def cache_dtype(self):
-        """The KV cache's dtype: the model's, but at least float32 on a CPU, where attention over a
-        bfloat16 cache runs 3-6x slower than over a float32 one (more than twice the bytes cost)."""
-        p = self.lm_heads.weight
-        return torch.promote_types(p.dtype, torch.float32) if p.device.type == "cpu" else p.dtype
-
-    def new_cache(self, batch_size, max_len=None):
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, self.lm_heads.weight.device,
-                       self.cache_dtype)
-
     @torch.no_grad()
     def prefill(self, codes, cache, styles=None):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
         return self(codes, cache=cache, last_only=True, styles=styles)[0][:, :, -1]
 
-    def prepare_decode(self, dtype=None):
-        """Get the model ready for decode_step in one of DECODE_DTYPES (None: as the model is):
-          float32   the model in float32;
-          bfloat16  the model cast to bfloat16 (prefill, KV cache and logits too);
-          int8      the model cast to bfloat16, and decode_step's weight matrices (blocks and heads)
-                    as int8 with one scale per output row (see _decode_matrix).
-        On a CPU a decode step reads every weight once: fewer bytes are faster. What each precision
-        costs in teacher-forced cross-entropy, `python bench.py decode_quality` measures
-        (decode_dtype=auto is the fastest within 0.005 nats of float32). decode_step keeps the
-        weights in plain dicts (no nn.Module lookups per step). Float matrices are the parameters
-        themselves; int8 ones are copies: call this again after moving, casting or loading the
-        model. Without a call, decode_step prepares the model as it is on first use."""
-        if dtype is not None:
-            if dtype not in DECODE_DTYPES:
-                raise ValueError(f"decode dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
-            self.to(torch.float32 if dtype == "float32" else torch.bfloat16)
-        int8 = dtype == "int8"
-        self.decode_weights = [{name: _decode_matrix(p, int8) if p.dim() == 2 else p.detach()
-                                for name, p in block.named_parameters()} for block in self.h]
-        self.decode_weights.append({"lm_heads.weight": _decode_matrix(self.lm_heads.weight, int8)})
-        return self
-
     def check_fits(self, start, steps):
         """Refuse `steps` steps from position `start` on when they go beyond the context."""
         if start + steps > self.config.block_size:
             raise ValueError(f"sequence of {start + steps} steps exceeds block_size {self.config.block_size}")
-
-    def decode_step(self, codes, cache, styles=None):
-        """One step (B, K) -> logits (B, K, V) for the step after it, at the cache's length
-        (styles: see add_style)."""
-        self.check_fits(cache.length, 1)
-        logits = self.step_logits(codes, cache.kv, cache.length, styles)
-        cache.advance(1)
-        return logits
-
-    @torch.no_grad()
-    def step_logits(self, codes, kv_cache, t, styles=None):
-        """decode_step's work: the step `codes` (B, K) at position t, its keys and values written into
-        the cache; returns the logits (B, K, V). t is a Python int (attend over the t + 1 steps
-        filled so far), or a 1-element device tensor (what a CUDA graph replays, see
-        generate.CUDAGraphStep: shapes are fixed, so every step attends over the whole cache,
-        masked beyond t).
-
-        This is forward() for a single step, written out flat: a step is well under a millisecond
-        of work on a CPU, and at batch 1 each op's dispatch costs about as much as its arithmetic,
-        so no module is called, nothing is looked up by attribute, no dropout runs (eval mode is
-        assumed) and residual adds ride along in the matmuls. The cache-equivalence test holds it
-        equal to forward()."""
-        B, K = codes.shape
-        C, H = self.config.n_embd, self.config.n_head
-        if self.decode_weights is None:
-            self.prepare_decode()
-        *layers, heads = self.decode_weights
-        at_tensor = torch.is_tensor(t)
-        # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
-        x = F.embedding_bag(codes + self.code_offsets[0, :, 0], self.wte.weight, mode="sum")
-        x = x + (self.wpe.weight.index_select(0, t) if at_tensor else self.wpe.weight[t])      # (B, C)
-        x = self.add_style(x, styles)
-        if at_tensor:
-            visible = (torch.arange(kv_cache[0].shape[3], device=t.device) <= t).view(1, -1)  # (query, keys)
-        for w, kv in zip(layers, kv_cache):
-            h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
-            qkv = _matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
-            q = qkv[0].to(kv.dtype)   # the cache may be wider than the model (see new_cache)
-            if at_tensor:
-                kv.index_copy_(3, t, qkv[1:])      # this step's keys and values
-                y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=visible)
-            else:
-                kv.narrow(3, t, 1).copy_(qkv[1:])
-                y = F.scaled_dot_product_attention(q, *kv.narrow(3, 0, t + 1))
-            y = y.view(B, C).to(x.dtype)          # (B, H, 1, D) is (B, C) in memory
-            x = _matmul(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
-            h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
-            h = F.gelu(_matmul(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
-            x = _matmul(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
-        x = torch.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias)
-        return _matmul(x, heads["lm_heads.weight"]).view(B, K, -1)
 
     def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas):
         """Muon for the blocks' weight matrices, AdamW for everything else: the code and position

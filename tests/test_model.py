@@ -1,11 +1,8 @@
-import copy
 import math
 
 import pytest
 import torch
 
-from nanosuno.evaluate import decode_cross_entropy, stacked_windows
-from conftest import write_token_corpus
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
 
@@ -89,26 +86,6 @@ def test_causality(K):
     assert not torch.allclose(before[:, :, 20:], after[:, :, 20:])
 
 
-@pytest.mark.parametrize("K,n_styles", [(1, 0), (8, 0), (8, 3)])
-def test_cached_decoding_matches_full_forward(K, n_styles):
-    model = tiny(K, n_styles=n_styles)
-    codes = torch.randint(0, 65, (2, K, 48))
-    styles = torch.tensor([0, 3]) if n_styles else None     # a style and "no style"
-    full, _ = model(codes, styles=styles)
-    cache = model.new_cache(2)
-    steps = [model.prefill(codes[:, :, :16], cache, styles)]
-    for t in range(16, 47):
-        steps.append(model.decode_step(codes[:, :, t], cache, styles))
-    assert cache.length == 47
-    incremental = torch.stack(steps, dim=2)            # logits for steps 15..46
-    torch.testing.assert_close(incremental, full[:, :, 15:47], atol=1e-5, rtol=1e-5)
-    # a chunk after cached steps (the masked path) agrees too
-    cache = model.new_cache(2)
-    model(codes[:, :, :10], cache=cache, styles=styles)
-    chunk, _ = model(codes[:, :, 10:30], cache=cache, styles=styles)
-    torch.testing.assert_close(chunk, full[:, :, 10:30], atol=1e-5, rtol=1e-5)
-
-
 def test_style_embedding():
     """Every step's input gets its style's vector: each style gives other logits at every step, no
     styles given means "no style" (id n_styles); the table is one row per style plus one, counted as
@@ -127,17 +104,6 @@ def test_style_embedding():
     adamw = model.configure_optimizers(1e-3, 0.02, 0.0, (0.9, 0.95)).param_groups[1]
     assert any(p is model.style_emb.weight for p in adamw["params"])
     assert not hasattr(plain, "style_emb") and "style" not in "".join(plain.state_dict())
-
-
-def test_context_longer_than_block_size_is_refused():
-    model = tiny(block_size=16)
-    with pytest.raises(ValueError, match="sequence of 17 steps exceeds block_size 16"):
-        model(torch.zeros(1, 8, 17, dtype=torch.long))
-    cache = model.new_cache(1)
-    model.prefill(torch.zeros(1, 8, 16, dtype=torch.long), cache)   # a full context: no room for a step
-    with pytest.raises(ValueError, match="sequence of 17 steps exceeds block_size 16"):
-        model.decode_step(torch.zeros(1, 8, dtype=torch.long), cache)
-    assert cache.length == 16
 
 
 def test_tiny_model_overfits_a_fixed_sequence():
@@ -205,64 +171,3 @@ def test_mfu_uses_nanogpt_flop_formula():
     flops = 6 * model.get_num_params() + 12 * 2 * 32 * 64
     assert model.flops_per_step() == flops
     assert model.estimate_mfu(steps_per_second=1000, peak_flops=flops * 2000) == pytest.approx(0.5)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_each_decode_dtype_stays_close_to_the_float32_forward(dtype):
-    """prepare_decode's precisions: float32 is the exact path, bfloat16 and int8 weights approximate
-    it closely (bench.py decode_quality measures what that costs in cross-entropy)."""
-    model = tiny(K=8)
-    codes = torch.randint(0, 65, (1, 8, 24))
-    full, _ = model(codes)
-    model.prepare_decode(dtype)
-    cache = model.new_cache(1)
-    steps = [model.prefill(codes[:, :, :8], cache)]
-    steps += [model.decode_step(codes[:, :, t], cache) for t in range(8, 23)]
-    approx = torch.stack(steps, dim=2)
-    assert approx.dtype == (torch.float32 if dtype == "float32" else torch.bfloat16)
-    err = (approx.float() - full[:, :, 7:23]).abs().max().item()
-    if dtype == "float32":
-        assert err < 1e-5
-    else:   # 2-3 significant digits: not the exact path, but off by under a tenth of the logits' spread
-        assert 1e-4 < err < 0.1 * full.std().item(), err
-
-
-def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
-    """bench.py decode_quality in small: a tiny model trained for a few seconds on learnable codes
-    scores nearly the same teacher-forced cross-entropy through decode_step in every precision
-    (~0.001 nats apart; the real check, 0.005 nats on a trained small model, is the benchmark's)."""
-    meta = write_token_corpus(tmp_path, file_frames=[400, 400])
-    windows = stacked_windows(str(tmp_path), meta, 8, 40, split="train")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=40, n_codebooks=8, codebook_size=1024, n_layer=2, n_head=4, n_embd=64))
-    optimizer = model.configure_optimizers(1e-2, 0.02, 0.0, (0.9, 0.95))
-    for _ in range(10):   # a few seconds: far from memorised (~1.3 nats), far from random (6.9)
-        batch = windows[torch.randint(len(windows), (8,))]
-        _, loss = model(batch[:, :, :-1], batch[:, :, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    reference = decode_cross_entropy(model, windows)[0]
-    full_forward = model(windows[:, :, :-1], windows[:, :, 1:])[1].item()
-    assert abs(reference - full_forward) < 1e-4          # the measurement is the model's loss
-    assert reference < 0.5 * math.log(1024)              # and the model has learned something
-    for dtype in ("bfloat16", "int8"):
-        ce = decode_cross_entropy(copy.deepcopy(model).prepare_decode(dtype), windows)[0]
-        assert ce != reference and abs(ce - reference) < 0.01, (dtype, ce, reference)
-
-
-def test_step_at_a_device_position_matches_decode_step():
-    """step_logits with the position as a tensor (what a CUDA graph replays: the whole cache, masked
-    beyond the position) computes what decode_step computes over the filled steps, styles too."""
-    model = tiny(K=8, n_styles=2)
-    codes, styles = torch.randint(0, 65, (2, 8, 30)), torch.tensor([1, 0])
-    caches = [model.new_cache(2), model.new_cache(2)]
-    for cache in caches:
-        model.prefill(codes[:, :, :10], cache, styles)
-    for t in range(10, 30):
-        expected = model.decode_step(codes[:, :, t], caches[0], styles)
-        got = model.step_logits(codes[:, :, t], caches[1].kv, torch.tensor([t]), styles)
-        caches[1].advance(1)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[1].kv[0][:, :, :, :30], caches[0].kv[0][:, :, :, :30], atol=1e-6, rtol=1e-6)
