@@ -39,7 +39,7 @@ from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_pa
 from nanosuno.codec import codec_for
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
-from nanosuno.config import Config, load_config
+from nanosuno.config import MODEL_SETTINGS, Config, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
@@ -189,7 +189,7 @@ def load_start(cfg, proc):
             raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
-    shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k not in TRAINING_ONLY}
+    shape = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_SETTINGS and k not in TRAINING_ONLY}
     given = getattr(cfg, "given", frozenset())   # (load_config's: the settings set in a file or on the command line)
     changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items()
                if getattr(cfg, k) != v and (k in given or getattr(cfg, k) != getattr(Config, k))]
@@ -205,10 +205,8 @@ def build_model(cfg, proc, data, ckpt):
     and every process's random states, so that a resumed run goes on exactly as an uninterrupted one.
     Returns them with the iteration to start from, the best val loss so far and where the weights
     came from (finetuned_from, for the checkpoint)."""
-    # the model's shape: GPTConfig's fields from the settings, except the codebook size and the
-    # number of styles (the data's)
-    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
-                  if f.name not in ("codebook_size", "n_styles")}
+    # the model's shape: its settings, and the codebook size and number of styles of the data
+    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
     model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
     iter_num, best_val_loss, finetuned_from = 0, float("inf"), None
     path = next((p for p in (checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)) if os.path.exists(p)),

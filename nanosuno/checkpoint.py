@@ -34,7 +34,6 @@ import torch
 
 from nanosuno.codec import check_codec_info
 from nanosuno.common import KeepWriteError, UserError, atomic_write
-from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.spectral import spectral_from_weights
 
@@ -102,7 +101,7 @@ def read_checkpoint(path, device="cpu", resume=False):
 
 def check_structure(ckpt, resume=False):
     """What is missing or of the wrong type in a loaded checkpoint (see the module doc), or None.
-    The model's shape must be one the config system accepts."""
+    The model's shape must be one GPTConfig accepts (GPTConfig.check)."""
     def has(container, key, kind):
         return isinstance(container, dict) and isinstance(container.get(key), kind) and not isinstance(container.get(key), bool)
     if not isinstance(ckpt, dict):
@@ -121,10 +120,8 @@ def check_structure(ckpt, resume=False):
     if not set(args) <= fields or not has(args, "codebook_size", int) or args["codebook_size"] < 1:
         return f"model_args {sorted(args)} are not GPTConfig's {sorted(fields)} with a codebook_size"
     try:
-        for key in set(args) & set(valid_keys()):
-            check_value(key, args[key])
-        check_together(args)
-    except UserError as e:
+        GPTConfig(**args).check()
+    except ValueError as e:
         return f"model_args: {e}"
     styles, n_styles = ckpt.get("styles", []), args.get("n_styles", 0)   # (absent before styles existed)
     if not (isinstance(styles, list) and all(isinstance(s, str) and s for s in styles) and len(styles) == n_styles):

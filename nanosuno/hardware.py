@@ -10,6 +10,9 @@ from nanosuno.common import UserError
 CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
+# the precisions of training (the dtype setting, besides "auto")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def pick_device(setting="auto"):
     """'auto' = cuda, then mps, then cpu; anything else is checked and passed through."""
@@ -46,10 +49,9 @@ def pick_dtype(setting, device):
         if kind == "cpu" and cpu_has_bf16():
             return torch.bfloat16
         return torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if setting not in dtypes:
-        raise UserError(f"unknown dtype '{setting}': use auto, {', '.join(dtypes)}")
-    return dtypes[setting]
+    if setting not in DTYPES:
+        raise UserError(f"unknown dtype '{setting}': use auto, {', '.join(DTYPES)}")
+    return DTYPES[setting]
 
 
 def pick_decode_dtype(setting, device):

@@ -10,10 +10,10 @@ from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
 
 
-def tiny(K=8, block_size=64, dropout=0.0, n_styles=0):
+def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
-                         n_embd=32, dropout=dropout, n_styles=n_styles)).eval()
+                         n_embd=32, dropout=dropout, n_styles=n_styles, codebook0_weight=codebook0_weight)).eval()
 
 
 def test_small_config_parameter_count():
@@ -42,7 +42,7 @@ def test_shapes_and_loss(K):
 
 
 def test_loss_ignores_special_targets_and_averages_codebooks():
-    model = tiny(K=2)
+    model = tiny(K=2, codebook0_weight=1.0)   # every codebook weighs the same (the default weighs codebook 0 twice)
     codes = torch.randint(0, 64, (1, 2, 10))
     targets = codes.clone()
     targets[:, 1, :5] = 64                            # special: must not count
@@ -234,7 +234,8 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
     meta = write_token_corpus(tmp_path, file_frames=[400, 400])
     windows = stacked_windows(str(tmp_path), meta, 8, 40, split="train")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=40, n_codebooks=8, codebook_size=1024, n_layer=2, n_head=4, n_embd=64))
+    model = GPT(GPTConfig(block_size=40, n_codebooks=8, codebook_size=1024, n_layer=2, n_head=4, n_embd=64,
+                          codebook0_weight=1.0))   # the loss is then the plain mean over codebooks, as measured
     optimizer = model.configure_optimizers(1e-2, 0.02, 0.0, (0.9, 0.95))
     for _ in range(10):   # a few seconds: far from memorised (~1.3 nats), far from random (6.9)
         batch = windows[torch.randint(len(windows), (8,))]
