@@ -272,9 +272,11 @@ def main(argv):
     check_codec_setting(cfg.codec, ckpt["codec"]["name"], f"{checkpoint_path(cfg.out_dir)} was trained on")
     model = model_from_checkpoint(ckpt, device).eval().prepare_decode(decode_dtype)
     K, block_size = model.config.n_codebooks, model.config.block_size
-    # generate() checks these too; here they fail before the codec loads and anything is written
-    check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
-                   cfg.context_stride, cfg.seconds, cfg.cfg_coef)
+    try:   # generate() checks these too; here they fail before the codec loads and anything is written
+        check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                       cfg.context_stride, cfg.cfg_coef)
+    except ValueError as e:   # (the config checked each setting's range: here, top_k against the codebook)
+        raise UserError(str(e)) from None
     styles = pick_styles(cfg, ckpt)    # names, or None: unconditional
     style_ids = [ckpt["styles"].index(name) for name in styles] if styles else None
     # cfg_coef 1 is plain conditional sampling: the same codes without the unconditional stream

@@ -175,6 +175,21 @@ def test_cuda_graph_step_is_exact():
         assert torch.equal(generate(gpu, 40, p, temperature=0, **guidance).cpu(), expected)
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(top_k=0), fr"^top_k must be between 1 and the codebook size {V}, got 0$"),
+    (dict(top_k=V + 1), fr"^top_k must be between 1 and the codebook size {V}, got {V + 1}$"),
+    (dict(temperature=-1.0), r"^temperature must be >= 0 \(0 = greedy\), got -1.0$"),
+    (dict(temperature=float("nan")), r"^temperature must be >= 0"),
+    (dict(top_p=1.5), r"^top_p must be in \[0, 1\] \(0 = off\), got 1.5$"),
+    (dict(num_samples=0), r"^num_samples must be >= 1, got 0$"),
+    (dict(context_stride=0), r"^context_stride must be in \(0, 1\], got 0$"),
+])
+def test_generate_checks_its_arguments(arguments, message):
+    """The library's own check (ValueError), not the config system's: sample.py turns it into one line."""
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(K=2), 5, **arguments)
+
+
 def test_seed_reproducible_and_prompt_is_prefix():
     model = tiny_model(K=4)
     prompt = torch.randint(0, V, (4, 10))
