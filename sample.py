@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
-from nanosuno.codec import codec_for, decode_loop
+from nanosuno.codec import codec_for, decode_loop, untrained_warning
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
@@ -291,9 +291,8 @@ def main(argv):
     check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)
     codec = codec_for(ckpt["codec"], ckpt.get("codec_weights"), cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
-    warning = ""
-    if codec.name == "untrained":
-        warning = "codec 'untrained' (random weights): the audio quality of these samples is MEANINGLESS"
+    warning = untrained_warning(codec.name)
+    if warning:
         print(f"*** {warning} ***")
 
     prompt, prompt_note = load_prompt(cfg, codec, model) if cfg.prompt else (None, "none")

@@ -36,7 +36,7 @@ from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint, weights_finite)
-from nanosuno.codec import codec_for
+from nanosuno.codec import codec_for, untrained_warning
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
 from nanosuno.config import MODEL_SETTINGS, Config, load_config
@@ -101,8 +101,8 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
     names = sorted((f[:-4] for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".wav")), reverse=True)
     items = "".join(f'<h2>iteration {int(n[5:])}</h2>\n<audio controls preload="none" src="{n}.wav"></audio><br>\n'
                     f'<img src="{n}.png" alt="spectrogram at iteration {int(n[5:])}">\n' for n in names)
-    warning = ('<p style="color:#b00"><b>codec \'untrained\': the audio quality of these samples is MEANINGLESS'
-               '</b></p>\n' if codec.name == "untrained" else "")
+    warning = untrained_warning(codec.name)
+    warning = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
     page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>nanosuno: training progress</title></head>\n'
             f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
             f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
