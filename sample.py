@@ -35,7 +35,7 @@ from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_f
 from nanosuno.config import load_config
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
 from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, loop_fits, prompt_frames_used
-from nanosuno.hardware import pick_decode_dtype, pick_device
+from nanosuno.hardware import device_type, pick_decode_dtype, pick_device
 from nanosuno.plots import save_spectrogram
 
 # memory per audio sample of a decoded piece while its WAV and spectrogram are made (check_memory):
@@ -88,7 +88,7 @@ def load_prompt(cfg, codec, model):
 def available_memory(device=None):
     """Bytes a new allocation can have: on a CUDA device, the GPU's free memory; otherwise Linux's
     MemAvailable (free memory plus what the OS can reclaim), else the physical memory."""
-    if device is not None and torch.device(device).type == "cuda":
+    if device is not None and device_type(device) == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
@@ -118,7 +118,7 @@ def check_memory(model, codec_info, new_frames, pieces, prompt, device, guided=F
     codes_bytes = 8 * cfg.n_codebooks                                 # per piece and frame, one copy
     audio_bytes = AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / rate   # per frame, one piece at a time
     frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
-    if torch.device(device).type == "cuda":
+    if device_type(device) == "cuda":
         pools = [(f"GPU memory (KV cache, codes), more than the {{}} free on {device}", available_memory(device),
                   model_bytes, 2 * codes_bytes, 0),
                  ("memory (codes, decoded audio), more than the {} available", available_memory(),

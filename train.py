@@ -43,7 +43,7 @@ from nanosuno.config import MODEL_SETTINGS, Config, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
-from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
+from nanosuno.hardware import autocast, device_type, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY
 from nanosuno.optim import train_step
 from nanosuno.plots import save_loss_plot, save_spectrogram
@@ -116,7 +116,7 @@ def setup_processes(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        use_cuda = pick_device(cfg.device).startswith("cuda")
+        use_cuda = device_type(pick_device(cfg.device)) == "cuda"
         init_process_group(backend="nccl" if use_cuda else "gloo")
         device = f"cuda:{local_rank}" if use_cuda else "cpu"
         if use_cuda:
@@ -126,13 +126,12 @@ def setup_processes(cfg):
                             f"multiple of the number of processes ({world})")
     else:
         rank, local_rank, world, device = 0, 0, 1, pick_device(cfg.device)
-    device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed + rank)
-    if device_type == "cuda":
+    if device_type(device) == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=rank == 0,
-                           device=device, device_type=device_type, dtype=pick_dtype(cfg.dtype, device),
+                           device=device, device_type=device_type(device), dtype=pick_dtype(cfg.dtype, device),
                            accum_steps=cfg.gradient_accumulation_steps // world)
 
 
