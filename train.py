@@ -278,8 +278,6 @@ def random_states(proc, data):
 def restore_random_states(states, cfg, proc, data, iter_num):
     """Give each process the random states its rank had in the checkpoint; with another number of
     processes than wrote it, fresh distinct seeds instead (the run goes on, not exactly as it would have)."""
-    if isinstance(states, dict):  # a checkpoint from before per-process states: rank 0's only
-        states = [{"torch": states["torch"], "batches": states["batches"], "cuda": (states.get("cuda") or [None])[0]}]
     if len(states) == proc.world:
         mine = states[proc.rank]
         torch.set_rng_state(mine["torch"].cpu())  # .cpu(): loaded with map_location=device

@@ -71,10 +71,8 @@ def weights_finite(state):
 
 def load_checkpoint(out_dir, device="cpu", resume=False):
     """out_dir's best checkpoint, or with resume its latest (with the optimizer and random states),
-    its structure checked. (A run from before last.pt existed kept its latest in ckpt.pt.)"""
+    its structure checked."""
     path = checkpoint_path(out_dir, last=resume)
-    if resume and not os.path.exists(path):
-        path = checkpoint_path(out_dir)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py config/tiny.py --out_dir={out_dir})")
     return read_checkpoint(path, device, resume)
@@ -123,7 +121,7 @@ def check_structure(ckpt, resume=False):
         GPTConfig(**args).check()
     except ValueError as e:
         return f"model_args: {e}"
-    styles, n_styles = ckpt.get("styles", []), args.get("n_styles", 0)   # (absent before styles existed)
+    styles, n_styles = ckpt.get("styles"), args.get("n_styles", 0)
     if not (isinstance(styles, list) and all(isinstance(s, str) and s for s in styles) and len(styles) == n_styles):
         return f"styles {styles!r} are not the names of its {n_styles!r} styles"
     for key, kind in (("name", str), ("sample_rate", int), ("frame_rate", int), ("bandwidth", (int, float)),
@@ -150,9 +148,8 @@ def check_structure(ckpt, resume=False):
                                            < args["codebook_size"])):
         return "reference_codes are not codes (n_codebooks, frames) of its codebooks"
     if resume:
-        # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
-        states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]
-        if not has(ckpt, "optimizer", dict) or not all(isinstance(s, dict) for s in states):
+        states = ckpt.get("rng")   # one dict of states per process
+        if not has(ckpt, "optimizer", dict) or not has(ckpt, "rng", list) or not all(isinstance(s, dict) for s in states):
             return "no optimizer or rng (random states): it cannot be resumed"
         if not all(has(s, key, torch.Tensor) for s in states for key in ("torch", "batches")):
             return "rng has no torch and batches states"
