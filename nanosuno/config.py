@@ -42,7 +42,7 @@ _ModelSettings = dataclasses.make_dataclass("_ModelSettings", [
 
 @dataclass
 class Config(_ModelSettings):
-    # --- model: MODEL_SETTINGS, from GPTConfig (above) ------------------------------------------
+    # (the model's settings come first: MODEL_SETTINGS, from GPTConfig, above)
     # --- data -------------------------------------------------------------------------------
     input_dir: str = "data/wavs"        # audio to prepare (wav, flac, ogg, mp3), searched recursively
     data_dir: str = "data/tokens"       # where prepare writes train.bin, val.bin, meta.json
@@ -116,9 +116,10 @@ class Config(_ModelSettings):
     cfg_coef: float = 3.0
 
 
-# The valid values of every setting that has limits: (the rule in words, test). Floats must also be
-# finite. check_value applies these to every value given; check_together checks settings that limit
-# each other. A value outside its range ends in one line: "setting 'x' must be <rule>, got <value>".
+# The valid values of every setting that has limits (the model's from GPTConfig.RULES): (the rule in
+# words, test). Floats must also be finite. check_value applies these to every value given;
+# check_together checks settings that limit each other. A value outside its range ends in one line:
+# "setting 'x' must be <rule>, got <value>".
 RULES = {
     "input_dir": ("a folder name", lambda v: v != ""),
     "data_dir": ("a folder name", lambda v: v != ""),
