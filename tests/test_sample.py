@@ -262,16 +262,15 @@ def test_styles_through_sample_py(tmp_path, codec):
     assert not os.path.exists(tmp_path / "none")
 
 
-def test_checkpoints_from_before_styles_still_sample(tmp_path, codec):
-    """A checkpoint written before styles existed (no n_styles, no styles) is an unconditional model."""
+def test_a_checkpoint_without_its_styles_is_one_line(tmp_path, codec):
+    """Every checkpoint carries its style names ([] for an unconditional model)."""
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-    del ckpt["styles"], ckpt["model_args"]["n_styles"]
+    del ckpt["styles"]
     save_checkpoint(out_dir, ckpt)
-    sample_dir = run_sample(out_dir, "--seconds=0.2")
-    assert os.path.exists(os.path.join(sample_dir, "sample_000.wav"))
-    with pytest.raises(UserError, match="trained without styles"):
-        run_sample(out_dir, "--style=a")
+    with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(styles None are not the names of its 0 "
+                                        r"styles\)"):
+        run_sample(out_dir, "--seconds=0.2")
 
 
 def test_prompt_continuation_through_sample_py(tmp_path, codec):
