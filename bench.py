@@ -365,11 +365,12 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
     one batch of random codes per step."""
     import torch
     from nanosuno.hardware import autocast
+    from nanosuno.hardware import device_type
     from nanosuno.optim import train_step
     cfg = model.config if not hasattr(model, "_orig_mod") else model._orig_mod.config
     codes = torch.randint(0, cfg.codebook_size + 1, (batch_size, cfg.n_codebooks, cfg.block_size + 1), device=device)
     x, y = codes[:, :, :-1], codes[:, :, 1:]
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == torch.float16)
     ctx = autocast(device, dtype)
     times = []
     for i in range(warmup + iters):
@@ -385,19 +386,20 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
 def _sync(device):
     """Wait for a GPU's queued work (CUDA or MPS: Python runs ahead of them)."""
     import torch
-    if device.startswith("cuda"):
+    from nanosuno.hardware import device_type
+    if device_type(device) == "cuda":
         torch.cuda.synchronize()
-    elif device.startswith("mps"):
+    elif device_type(device) == "mps":
         torch.mps.synchronize()
 
 
 def bench_train(compile_on_cpu=False, batch_size=None):
     """Training tokens/s (tokens = steps x codebooks) and MFU at config/small.py's dims."""
     import torch
-    from nanosuno.hardware import cpu_has_bf16, peak_flops, pick_device
+    from nanosuno.hardware import cpu_has_bf16, device_type, peak_flops, pick_device
     from nanosuno.model import GPT, GPTConfig
     device = pick_device("auto")
-    on_cuda = device.startswith("cuda")
+    on_cuda = device_type(device) == "cuda"
     shapes = [("small", dict(n_layer=6, n_head=8, n_embd=256))]
     if on_cuda:
         shapes.append(("768x12", dict(n_layer=12, n_head=12, n_embd=768)))
@@ -785,9 +787,11 @@ def bench_sample_gpu(device):
     bfloat16, batch 1 and 64, at config/small.py's shape and at 768 x 12."""
     import torch
     from nanosuno.decode import Decoder
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    from nanosuno.hardware import device_type
+    on_cuda = device_type(device) == "cuda"
+    name = torch.cuda.get_device_name(device) if on_cuda else device
     print(f"sample on {name}: random weights, decode_dtype bfloat16; steps/s (75 steps = 1 s of audio) "
-          f"of 750-step generate() calls, prefill{' and graph capture' if device.startswith('cuda') else ''} included")
+          f"of 750-step generate() calls, prefill{' and graph capture' if on_cuda else ''} included")
     for shape, dims in (("small", dict(n_layer=6, n_head=8, n_embd=256)), ("768x12", dict(n_layer=12, n_head=12, n_embd=768))):
         model = Decoder(random_model(**dims).to(device), "bfloat16")
         for batch_size in (1, 64):

@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
-from nanosuno.codec import codec_for, decode_loop
+from nanosuno.codec import codec_for, decode_loop, untrained_warning
 from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.decode import Decoder, cache_dtype
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
 from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, loop_fits, prompt_frames_used
-from nanosuno.hardware import pick_decode_dtype, pick_device
+from nanosuno.hardware import device_type, pick_decode_dtype, pick_device
 from nanosuno.plots import save_spectrogram
 
 # memory per audio sample of a decoded piece while its WAV and spectrogram are made (check_memory):
@@ -89,7 +89,7 @@ def load_prompt(cfg, codec, model):
 def available_memory(device=None):
     """Bytes a new allocation can have: on a CUDA device, the GPU's free memory; otherwise Linux's
     MemAvailable (free memory plus what the OS can reclaim), else the physical memory."""
-    if device is not None and torch.device(device).type == "cuda":
+    if device is not None and device_type(device) == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
@@ -119,7 +119,7 @@ def check_memory(model, codec_info, new_frames, pieces, prompt, device, guided=F
     codes_bytes = 8 * cfg.n_codebooks                                 # per piece and frame, one copy
     audio_bytes = AUDIO_BYTES_PER_SAMPLE * codec_info["sample_rate"] / rate   # per frame, one piece at a time
     frames = new_frames + (cfg.block_size if prompt else 0) + cfg.n_codebooks
-    if torch.device(device).type == "cuda":
+    if device_type(device) == "cuda":
         pools = [(f"GPU memory (KV cache, codes), more than the {{}} free on {device}", available_memory(device),
                   model_bytes, 2 * codes_bytes, 0),
                  ("memory (codes, decoded audio), more than the {} available", available_memory(),
@@ -274,9 +274,11 @@ def main(argv):
     model = model_from_checkpoint(ckpt, device).eval()
     decoder = Decoder(model, decode_dtype)   # casts the model to the decode precision
     K, block_size = model.config.n_codebooks, model.config.block_size
-    # generate() checks these too; here they fail before the codec loads and anything is written
-    check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
-                   cfg.context_stride, cfg.seconds, cfg.cfg_coef)
+    try:   # generate() checks these too; here they fail before the codec loads and anything is written
+        check_sampling(model.config.codebook_size, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
+                       cfg.context_stride, cfg.cfg_coef)
+    except ValueError as e:   # (the config checked each setting's range: here, top_k against the codebook)
+        raise UserError(str(e)) from None
     styles = pick_styles(cfg, ckpt)    # names, or None: unconditional
     style_ids = [ckpt["styles"].index(name) for name in styles] if styles else None
     # cfg_coef 1 is plain conditional sampling: the same codes without the unconditional stream
@@ -291,9 +293,8 @@ def main(argv):
     check_memory(model, ckpt["codec"], new_frames, len(labels), cfg.prompt, device, guided=cfg_coef is not None)
     codec = codec_for(ckpt["codec"], ckpt.get("codec_weights"), cfg.codec_dir, device)
     check_codec(ckpt["codec"], codec.info(K), "this codec")
-    warning = ""
-    if codec.name == "untrained":
-        warning = "codec 'untrained' (random weights): the audio quality of these samples is MEANINGLESS"
+    warning = untrained_warning(codec.name)
+    if warning:
         print(f"*** {warning} ***")
 
     prompt, prompt_note = load_prompt(cfg, codec, model) if cfg.prompt else (None, "none")

@@ -36,14 +36,14 @@ from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint, weights_finite)
-from nanosuno.codec import codec_for
+from nanosuno.codec import codec_for, untrained_warning
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
-from nanosuno.config import Config, load_config
+from nanosuno.config import MODEL_SETTINGS, Config, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
-from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
+from nanosuno.hardware import autocast, device_type, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY
 from nanosuno.optim import train_step
 from nanosuno.plots import save_loss_plot, save_spectrogram
@@ -101,8 +101,8 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
     names = sorted((f[:-4] for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".wav")), reverse=True)
     items = "".join(f'<h2>iteration {int(n[5:])}</h2>\n<audio controls preload="none" src="{n}.wav"></audio><br>\n'
                     f'<img src="{n}.png" alt="spectrogram at iteration {int(n[5:])}">\n' for n in names)
-    warning = ('<p style="color:#b00"><b>codec \'untrained\': the audio quality of these samples is MEANINGLESS'
-               '</b></p>\n' if codec.name == "untrained" else "")
+    warning = untrained_warning(codec.name)
+    warning = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
     page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>nanosuno: training progress</title></head>\n'
             f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
             f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
@@ -116,7 +116,7 @@ def setup_processes(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        use_cuda = pick_device(cfg.device).startswith("cuda")
+        use_cuda = device_type(pick_device(cfg.device)) == "cuda"
         init_process_group(backend="nccl" if use_cuda else "gloo")
         device = f"cuda:{local_rank}" if use_cuda else "cpu"
         if use_cuda:
@@ -126,13 +126,12 @@ def setup_processes(cfg):
                             f"multiple of the number of processes ({world})")
     else:
         rank, local_rank, world, device = 0, 0, 1, pick_device(cfg.device)
-    device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed + rank)
-    if device_type == "cuda":
+    if device_type(device) == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=rank == 0,
-                           device=device, device_type=device_type, dtype=pick_dtype(cfg.dtype, device),
+                           device=device, device_type=device_type(device), dtype=pick_dtype(cfg.dtype, device),
                            accum_steps=cfg.gradient_accumulation_steps // world)
 
 
@@ -189,7 +188,7 @@ def load_start(cfg, proc):
             raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
-    shape = {k: v for k, v in ckpt["model_args"].items() if hasattr(Config, k) and k not in TRAINING_ONLY}
+    shape = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_SETTINGS and k not in TRAINING_ONLY}
     given = getattr(cfg, "given", frozenset())   # (load_config's: the settings set in a file or on the command line)
     changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items()
                if getattr(cfg, k) != v and (k in given or getattr(cfg, k) != getattr(Config, k))]
@@ -205,10 +204,8 @@ def build_model(cfg, proc, data, ckpt):
     and every process's random states, so that a resumed run goes on exactly as an uninterrupted one.
     Returns them with the iteration to start from, the best val loss so far and where the weights
     came from (finetuned_from, for the checkpoint)."""
-    # the model's shape: GPTConfig's fields from the settings, except the codebook size and the
-    # number of styles (the data's)
-    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
-                  if f.name not in ("codebook_size", "n_styles")}
+    # the model's shape: its settings, and the codebook size and number of styles of the data
+    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
     model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
     iter_num, best_val_loss, finetuned_from = 0, float("inf"), None
     path = next((p for p in (checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)) if os.path.exists(p)),
@@ -281,8 +278,6 @@ def random_states(proc, data):
 def restore_random_states(states, cfg, proc, data, iter_num):
     """Give each process the random states its rank had in the checkpoint; with another number of
     processes than wrote it, fresh distinct seeds instead (the run goes on, not exactly as it would have)."""
-    if isinstance(states, dict):  # a checkpoint from before per-process states: rank 0's only
-        states = [{"torch": states["torch"], "batches": states["batches"], "cuda": (states.get("cuda") or [None])[0]}]
     if len(states) == proc.world:
         mine = states[proc.rank]
         torch.set_rng_state(mine["torch"].cpu())  # .cpu(): loaded with map_location=device

@@ -34,7 +34,6 @@ import torch
 
 from nanosuno.codec import check_codec_info
 from nanosuno.common import KeepWriteError, UserError, atomic_write
-from nanosuno.config import check_together, check_value, valid_keys
 from nanosuno.model import GPT, GPTConfig
 from nanosuno.spectral import spectral_from_weights
 
@@ -72,10 +71,8 @@ def weights_finite(state):
 
 def load_checkpoint(out_dir, device="cpu", resume=False):
     """out_dir's best checkpoint, or with resume its latest (with the optimizer and random states),
-    its structure checked. (A run from before last.pt existed kept its latest in ckpt.pt.)"""
+    its structure checked."""
     path = checkpoint_path(out_dir, last=resume)
-    if resume and not os.path.exists(path):
-        path = checkpoint_path(out_dir)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first (python train.py config/tiny.py --out_dir={out_dir})")
     return read_checkpoint(path, device, resume)
@@ -102,7 +99,7 @@ def read_checkpoint(path, device="cpu", resume=False):
 
 def check_structure(ckpt, resume=False):
     """What is missing or of the wrong type in a loaded checkpoint (see the module doc), or None.
-    The model's shape must be one the config system accepts."""
+    The model's shape must be one GPTConfig accepts (GPTConfig.check)."""
     def has(container, key, kind):
         return isinstance(container, dict) and isinstance(container.get(key), kind) and not isinstance(container.get(key), bool)
     if not isinstance(ckpt, dict):
@@ -121,12 +118,10 @@ def check_structure(ckpt, resume=False):
     if not set(args) <= fields or not has(args, "codebook_size", int) or args["codebook_size"] < 1:
         return f"model_args {sorted(args)} are not GPTConfig's {sorted(fields)} with a codebook_size"
     try:
-        for key in set(args) & set(valid_keys()):
-            check_value(key, args[key])
-        check_together(args)
-    except UserError as e:
+        GPTConfig(**args).check()
+    except ValueError as e:
         return f"model_args: {e}"
-    styles, n_styles = ckpt.get("styles", []), args.get("n_styles", 0)   # (absent before styles existed)
+    styles, n_styles = ckpt.get("styles"), args.get("n_styles", 0)
     if not (isinstance(styles, list) and all(isinstance(s, str) and s for s in styles) and len(styles) == n_styles):
         return f"styles {styles!r} are not the names of its {n_styles!r} styles"
     for key, kind in (("name", str), ("sample_rate", int), ("frame_rate", int), ("bandwidth", (int, float)),
@@ -153,9 +148,8 @@ def check_structure(ckpt, resume=False):
                                            < args["codebook_size"])):
         return "reference_codes are not codes (n_codebooks, frames) of its codebooks"
     if resume:
-        # one dict of states per process; a dict alone: a checkpoint from before, rank 0's states only
-        states = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else [ckpt.get("rng")]
-        if not has(ckpt, "optimizer", dict) or not all(isinstance(s, dict) for s in states):
+        states = ckpt.get("rng")   # one dict of states per process
+        if not has(ckpt, "optimizer", dict) or not has(ckpt, "rng", list) or not all(isinstance(s, dict) for s in states):
             return "no optimizer or rng (random states): it cannot be resumed"
         if not all(has(s, key, torch.Tensor) for s in states for key in ("torch", "batches")):
             return "rng has no torch and batches states"

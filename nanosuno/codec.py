@@ -207,12 +207,19 @@ def load_codec(name, codec_dir=None, device="cpu", fit=None):
     if name == "encodec_24khz":
         model = _pretrained_model(codec_dir)
     elif name == "untrained":
-        print("warning: codec 'untrained' has made-up weights, audio quality meaningless: fine for "
-              "tests and smoke runs, not for listening", file=sys.stderr)
+        print(f"warning: {untrained_warning(name)}", file=sys.stderr)
         model = _untrained_model()
     else:
         raise UserError(f"unknown codec '{name}'; valid codecs: {', '.join(CODEC_NAMES)}")
     return Codec(name, model, device)
+
+
+def untrained_warning(name):
+    """The warning that goes with the audio of codec `name`: the untrained codec's means nothing ("" for
+    the others). load_codec prints it; sample.py and train.py show it with their samples."""
+    if name != "untrained":
+        return ""
+    return "codec 'untrained' has made-up weights, audio quality MEANINGLESS: fine for tests and smoke runs, not for listening"
 
 
 def codec_from_weights(name, state, device="cpu"):

@@ -135,7 +135,7 @@ def temp_path(path):
     return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-TEMPORARY = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?$")   # (older runs wrote name.tmp-PID)
+TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")
 
 
 def atomic_write(path, write):

@@ -3,7 +3,8 @@ One config system for prepare.py, train.py and sample.py (nanoGPT's habit, made 
 
     python train.py config/small.py --batch_size=4 --compile=False
 
-Defaults live in the `Config` dataclass below. A bare argument is a config file: plain Python
+Defaults live in the `Config` dataclass below (the model's settings, with their defaults and valid
+values, are GPTConfig's: model.py). A bare argument is a config file: plain Python
 assignments (`n_layer = 6`). `--key=value` overrides come after it and win. Every key is
 checked against the dataclass: unknown keys are rejected with the list of valid ones, values
 must match the field's type (ints are accepted for floats; `None` only where a field allows it)
@@ -24,13 +25,25 @@ import types
 import typing
 from dataclasses import dataclass
 
+from nanosuno.codec import CODEC_NAMES
 from nanosuno.common import UserError, not_a_file
+from nanosuno.decode import DECODE_DTYPES
+from nanosuno.hardware import DTYPES
+from nanosuno.model import GPTConfig
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file holds a few settings: more is another file given by mistake
 
 
+# The model's settings: GPTConfig's fields (model.py), with its defaults, but for the two that the data
+# decides (its codebook size and its number of styles). Stored in the checkpoint; sample.py never needs them.
+MODEL_SETTINGS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("codebook_size", "n_styles"))
+_ModelSettings = dataclasses.make_dataclass("_ModelSettings", [
+    (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(GPTConfig) if f.name in MODEL_SETTINGS])
+
+
 @dataclass
-class Config:
+class Config(_ModelSettings):
+    # (the model's settings come first: MODEL_SETTINGS, from GPTConfig, above)
     # --- data -------------------------------------------------------------------------------
     input_dir: str = "data/wavs"        # audio to prepare (wav, flac, ogg, mp3), searched recursively
     data_dir: str = "data/tokens"       # where prepare writes train.bin, val.bin, meta.json
@@ -50,17 +63,6 @@ class Config:
     # with; a name that differs from it is refused.
     codec: typing.Optional[str] = None
     codec_dir: typing.Optional[str] = None  # folder holding encodec_24khz-d7cc33bc.th (default: torch hub cache)
-    n_codebooks: int = 8                # codebooks modelled, 1..8 (prepare always stores 8, at 6 kbps)
-    # --- model (stored in the checkpoint; sample.py never needs these) ------------------------
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 256
-    block_size: int = 2048              # context in steps; 75 steps = 1 second of audio
-    dropout: float = 0.0
-    bias: bool = False
-    # codebook 0's weight in the training loss (each other codebook's is 1): it is the hardest to
-    # predict and, weighted equally, learns slower than a model of codebook 0 alone (README: How well it learns)
-    codebook0_weight: float = 2.0
     # --- training ---------------------------------------------------------------------------
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt) or a checkpoint to fine-tune
     overwrite: bool = False             # a new run (scratch or fine-tune) may replace the checkpoint and log already in out_dir
@@ -115,11 +117,10 @@ class Config:
     cfg_coef: float = 3.0
 
 
-CODEC_NAMES = ("encodec_24khz", "spectral", "untrained", "auto")
-
-# The valid values of every setting that has limits: (the rule in words, test). Floats must also be
-# finite. check_value applies these to every value given; check_together checks settings that limit
-# each other. A value outside its range ends in one line: "setting 'x' must be <rule>, got <value>".
+# The valid values of every setting that has limits (the model's from GPTConfig.RULES): (the rule in
+# words, test). Floats must also be finite. check_value applies these to every value given;
+# check_together checks settings that limit each other. A value outside its range ends in one line:
+# "setting 'x' must be <rule>, got <value>".
 RULES = {
     "input_dir": ("a folder name", lambda v: v != ""),
     "data_dir": ("a folder name", lambda v: v != ""),
@@ -130,15 +131,7 @@ RULES = {
     "styles": ("'folders' (a file's first folder under input_dir) or 'none'", lambda v: v in ("folders", "none")),
     "workers": ("in 1..64", lambda v: 1 <= v <= 64),
     "codec": ("None or one of " + ", ".join(CODEC_NAMES), lambda v: v is None or v in CODEC_NAMES),
-    "n_codebooks": ("in 1..8", lambda v: 1 <= v <= 8),
-    # upper limits far beyond any machine's memory, so that a typo (or a crafted checkpoint) ends here,
-    # not in an allocation that fails deep inside torch or takes the machine's memory first
-    "n_layer": ("in 1..1024", lambda v: 1 <= v <= 1024),
-    "n_head": ("in 1..1024", lambda v: 1 <= v <= 1024),
-    "n_embd": ("in 1..65536", lambda v: 1 <= v <= 65536),
-    "block_size": ("in 2..1000000", lambda v: 2 <= v <= 1_000_000),
-    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "codebook0_weight": ("> 0", lambda v: v > 0),
+    **{key: rule for key, rule in GPTConfig.RULES.items() if key in MODEL_SETTINGS},
     "init_from": ("'scratch', 'resume' or the path of a checkpoint to fine-tune", lambda v: v != ""),
     "batch_size": ("in 1..65536", lambda v: 1 <= v <= 65536),
     "gradient_accumulation_steps": ("in 1..65536", lambda v: 1 <= v <= 65536),
@@ -159,7 +152,7 @@ RULES = {
     "sample_every": (">= 0 (0 = off)", lambda v: v >= 0),
     "cfg_dropout": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "device": ("auto, cpu, mps, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)),
-    "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
+    "dtype": ("auto, " + ", ".join(list(DTYPES)[:-1]) + " or " + list(DTYPES)[-1], lambda v: v == "auto" or v in DTYPES),
     "seed": ("in 0..2**32-1", lambda v: 0 <= v < 2 ** 32),
     "seconds": ("> 0", lambda v: v > 0),          # (sample.py's memory check limits seconds x num_samples)
     "num_samples": (">= 1", lambda v: v >= 1),
@@ -167,7 +160,8 @@ RULES = {
     "top_k": (">= 1", lambda v: v >= 1),
     "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
     "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "decode_dtype": ("auto, float32, bfloat16 or int8", lambda v: v in ("auto", "float32", "bfloat16", "int8")),
+    "decode_dtype": (", ".join(("auto",) + DECODE_DTYPES[:-1]) + " or " + DECODE_DTYPES[-1],
+                     lambda v: v == "auto" or v in DECODE_DTYPES),
     "style": ("None or style names separated by commas", lambda v: all(name.strip() for name in v.split(","))),
     "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
     "loop_seconds": ("None or > 0", lambda v: v > 0),
@@ -220,15 +214,14 @@ def _convert(key, value):
 
 
 def check_together(settings):
-    """Settings that limit each other (settings: a dict of some or all of them), in one line each."""
+    """Settings that limit each other (settings: a dict of all of them), in one line each; the model's
+    are GPTConfig.check's."""
     s = settings
-    if "n_embd" in s and "n_head" in s and s["n_embd"] % s["n_head"]:
-        raise UserError(f"n_embd ({s['n_embd']}) must be a multiple of n_head ({s['n_head']}): each head "
-                        "gets n_embd / n_head channels")
-    if "block_size" in s and "n_codebooks" in s and s["block_size"] < s["n_codebooks"]:
-        # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
-        raise UserError(f"block_size ({s['block_size']}) must be at least n_codebooks ({s['n_codebooks']})")
-    if "min_lr" in s and "learning_rate" in s and s["min_lr"] > s["learning_rate"]:
+    try:
+        GPTConfig(**{key: s[key] for key in MODEL_SETTINGS}).check()
+    except ValueError as e:
+        raise UserError(str(e))
+    if s["min_lr"] > s["learning_rate"]:
         raise UserError(f"min_lr ({s['min_lr']}) must not exceed learning_rate ({s['learning_rate']})")
 
 

@@ -34,6 +34,7 @@ import torch
 from nanosuno.baselines import NAMES, baseline_losses
 from nanosuno.codec import check_codec_info
 from nanosuno.common import UserError, atomic_write_set
+from nanosuno.hardware import device_type
 from nanosuno.pattern import delay_interleave
 from nanosuno.spectral import load_spectral, save_spectral
 
@@ -252,7 +253,7 @@ class Batches:
         styles = self.styles[which]
         if self.n_styles and style_dropout:
             styles = styles.masked_fill(torch.rand(batch_size, generator=g) < style_dropout, self.n_styles)
-        if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        if device_type(device) == "cuda":  # pinned memory lets the copy overlap with compute
             window = window.pin_memory().to(device, non_blocking=True)
         else:
             window = window.to(device)

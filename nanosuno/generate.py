@@ -29,28 +29,31 @@ window slides; each step samples once from uncond + coef * (cond - uncond) and f
 to both streams. coef = 1 gives exactly the conditional logits; larger values push further away
 from what the style does not change (MusicGen's default is 3).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from nanosuno.common import UserError
 from nanosuno.decode import CUDAGraphStep, Decoder
-from nanosuno.config import check_value
 from nanosuno.evaluate import frame_cross_entropy
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
-def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, seconds=None,
-                   cfg_coef=None):
-    """Refuse settings that cannot sample, with the setting's name in one line: the ranges of the
-    config system (config.RULES), and top_k within the codebook. generate() checks its arguments
-    with this; sample.py calls it before it loads the codec or writes anything."""
-    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                  context_stride=context_stride, seconds=seconds, cfg_coef=cfg_coef)
-    for key, value in values.items():
-        if value is not None:
-            check_value(key, value)
-    if top_k > codebook_size:
-        raise UserError(f"top_k must be between 1 and the codebook size {codebook_size}, got {top_k}")
+def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, cfg_coef=None):
+    """Raise ValueError, naming the argument and its valid values in one line, for sampling arguments
+    that cannot sample (cfg_coef None: no guidance). generate() checks its arguments with this;
+    sample.py calls it before it loads the codec or writes anything."""
+    rules = (("temperature", temperature, ">= 0 (0 = greedy)", lambda v: v >= 0),
+             ("top_k", top_k, f"between 1 and the codebook size {codebook_size}", lambda v: 1 <= v <= codebook_size),
+             ("top_p", top_p, "in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+             ("num_samples", num_samples, ">= 1", lambda v: v >= 1),
+             ("context_stride", context_stride, "in (0, 1]", lambda v: 0 < v <= 1),
+             ("cfg_coef", cfg_coef, "None or >= 0", lambda v: v >= 0))
+    for name, value, rule, test in rules:
+        if value is None and name == "cfg_coef":
+            continue
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and test(value)):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ Block code as training), then decode.Decoder costs O(current length) per step, w
 one step written out flat there; a test holds the two equal.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,8 @@ from nanosuno.optim import MuonAdamW
 
 @dataclass
 class GPTConfig:
-    block_size: int = 2048          # max steps of context (75 steps = 1 second of audio)
-    n_codebooks: int = 8            # K parallel streams
+    block_size: int = 2048          # context in steps; 75 steps = 1 second of audio
+    n_codebooks: int = 8            # K parallel streams: codebooks modelled, 1..8 (prepare always stores 8, at 6 kbps)
     codebook_size: int = 1024       # codes per codebook; id codebook_size is the special token
     n_layer: int = 6
     n_head: int = 8
@@ -37,7 +37,44 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False              # biases in Linears and LayerNorms (False: a bit better and faster)
     n_styles: int = 0               # style labels (0 = unconditional: no style table)
-    codebook0_weight: float = 1.0   # codebook 0's weight in the training loss, each other codebook's is 1
+    # codebook 0's weight in the training loss (each other codebook's is 1): it is the hardest to
+    # predict and, weighted equally, learns slower than a model of codebook 0 alone (README: How well it learns)
+    codebook0_weight: float = 2.0
+
+    # each field's valid values: (the rule in words, test). The settings (config.py) and a checkpoint's
+    # model_args (checkpoint.py) are checked against these. Upper limits far beyond any machine's memory,
+    # so that a typo (or a crafted checkpoint) ends here, not in an allocation that fails deep inside
+    # torch or takes the machine's memory first
+    RULES = {
+        "block_size": ("in 2..1000000", lambda v: 2 <= v <= 1_000_000),
+        "n_codebooks": ("in 1..8", lambda v: 1 <= v <= 8),
+        "codebook_size": (">= 1", lambda v: v >= 1),
+        "n_layer": ("in 1..1024", lambda v: 1 <= v <= 1024),
+        "n_head": ("in 1..1024", lambda v: 1 <= v <= 1024),
+        "n_embd": ("in 1..65536", lambda v: 1 <= v <= 65536),
+        "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+        "n_styles": (">= 0", lambda v: v >= 0),
+        "codebook0_weight": ("> 0", lambda v: v > 0 and math.isfinite(v)),
+    }
+
+    def check(self):
+        """Raise ValueError naming the first field of another type or outside its RULES, or two fields
+        that do not fit together, in one line; return self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = (int, float) if f.type is float else (f.type,)   # an int is a fine float
+            if isinstance(value, bool) != (f.type is bool) or not isinstance(value, kinds):
+                raise ValueError(f"setting '{f.name}' must be {f.type.__name__}, got {value!r} ({type(value).__name__})")
+            rule = self.RULES.get(f.name)
+            if rule and not rule[1](value):
+                raise ValueError(f"setting '{f.name}' must be {rule[0]}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): each head "
+                             "gets n_embd / n_head channels")
+        if self.block_size < self.n_codebooks:
+            # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
+            raise ValueError(f"block_size ({self.block_size}) must be at least n_codebooks ({self.n_codebooks})")
+        return self
 
 
 # settings in GPTConfig that shape how the model trains, not the model: resume may change them
@@ -151,13 +188,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def get_num_params(self, non_embedding=True):
-        """Parameter count; by default without the lookup tables (they cost no FLOPs)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
-            n -= self.style_emb.weight.numel() if self.config.n_styles else 0
-        return n
+    def get_num_params(self):
+        """Parameter count without the lookup tables (code, position and style embeddings: they cost no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel() - self.wpe.weight.numel()
+        return n - (self.style_emb.weight.numel() if self.config.n_styles else 0)
 
     def add_style(self, x, styles):
         """x (B, T, C) or (B, C) plus each sample's style vector. styles: (B,) ids, None = all "no

@@ -31,7 +31,7 @@ def test_a_lock_is_refused_while_another_process_holds_it_and_freed_when_that_di
 
 
 def test_taking_a_lock_removes_temporaries_that_killed_runs_left(tmp_path):
-    left = ["ckpt.pt.tmp-4194000-0badcafe", "loss.png.tmp-17"]   # (the second as older versions named them)
+    left = ["ckpt.pt.tmp-4194000-0badcafe", "loss.png.tmp-17-00"]
     kept = ["ckpt.pt", "notes.tmp.txt", "x.tmp-abc"]
     for name in left + kept:
         (tmp_path / name).write_text("x")

@@ -7,10 +7,10 @@ from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
 
 
-def tiny(K=8, block_size=64, dropout=0.0, n_styles=0):
+def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=64, n_layer=2, n_head=4,
-                         n_embd=32, dropout=dropout, n_styles=n_styles)).eval()
+                         n_embd=32, dropout=dropout, n_styles=n_styles, codebook0_weight=codebook0_weight)).eval()
 
 
 def test_small_config_parameter_count():
@@ -39,7 +39,7 @@ def test_shapes_and_loss(K):
 
 
 def test_loss_ignores_special_targets_and_averages_codebooks():
-    model = tiny(K=2)
+    model = tiny(K=2, codebook0_weight=1.0)   # every codebook weighs the same (the default weighs codebook 0 twice)
     codes = torch.randint(0, 64, (1, 2, 10))
     targets = codes.clone()
     targets[:, 1, :5] = 64                            # special: must not count

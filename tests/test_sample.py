@@ -154,6 +154,21 @@ def test_guidance_at_coef_1_is_conditional_sampling(block_size, prompt_frames):
     assert not torch.equal(both[:2], both[2:])
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(top_k=0), fr"^top_k must be between 1 and the codebook size {V}, got 0$"),
+    (dict(top_k=V + 1), fr"^top_k must be between 1 and the codebook size {V}, got {V + 1}$"),
+    (dict(temperature=-1.0), r"^temperature must be >= 0 \(0 = greedy\), got -1.0$"),
+    (dict(temperature=float("nan")), r"^temperature must be >= 0"),
+    (dict(top_p=1.5), r"^top_p must be in \[0, 1\] \(0 = off\), got 1.5$"),
+    (dict(num_samples=0), r"^num_samples must be >= 1, got 0$"),
+    (dict(context_stride=0), r"^context_stride must be in \(0, 1\], got 0$"),
+])
+def test_generate_checks_its_arguments(arguments, message):
+    """The library's own check (ValueError), not the config system's: sample.py turns it into one line."""
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(K=2), 5, **arguments)
+
+
 def test_seed_reproducible_and_prompt_is_prefix():
     model = tiny_model(K=4)
     prompt = torch.randint(0, V, (4, 10))
@@ -226,16 +241,15 @@ def test_styles_through_sample_py(tmp_path, codec):
     assert not os.path.exists(tmp_path / "none")
 
 
-def test_checkpoints_from_before_styles_still_sample(tmp_path, codec):
-    """A checkpoint written before styles existed (no n_styles, no styles) is an unconditional model."""
+def test_a_checkpoint_without_its_styles_is_one_line(tmp_path, codec):
+    """Every checkpoint carries its style names ([] for an unconditional model)."""
     out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-    del ckpt["styles"], ckpt["model_args"]["n_styles"]
+    del ckpt["styles"]
     save_checkpoint(out_dir, ckpt)
-    sample_dir = run_sample(out_dir, "--seconds=0.2")
-    assert os.path.exists(os.path.join(sample_dir, "sample_000.wav"))
-    with pytest.raises(UserError, match="trained without styles"):
-        run_sample(out_dir, "--style=a")
+    with pytest.raises(UserError, match=r"ckpt.pt is not a nanosuno checkpoint \(styles None are not the names of its 0 "
+                                        r"styles\)"):
+        run_sample(out_dir, "--seconds=0.2")
 
 
 def test_prompt_continuation_through_sample_py(tmp_path, codec):
