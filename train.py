@@ -13,7 +13,6 @@ replaces the old files only once its settings, data and model are checked. One r
 out_dir (a lock).
 """
 import dataclasses
-import html
 import json
 import math
 import os
@@ -37,8 +36,7 @@ from nanosuno.baselines import best_baseline, bits_per_second
 from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
                                  read_checkpoint, save_checkpoint, weights_finite)
 from nanosuno.codec import codec_for
-from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
-                             run_cli, writing)
+from nanosuno.common import UserError, lock_folder, refuse_folders, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import Config, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
@@ -46,6 +44,7 @@ from nanosuno.generate import generate
 from nanosuno.hardware import autocast, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY
 from nanosuno.optim import train_step
+from nanosuno.pages import write_progress_page
 from nanosuno.plots import save_loss_plot, save_spectrogram
 
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
@@ -98,16 +97,7 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
     save_wav(os.path.join(folder, f"{name}.wav"), waveform, codec.sample_rate)
     save_spectrogram(os.path.join(folder, f"{name}.png"), waveform, codec.sample_rate,
                      f"iteration {iter_num}" + (f", val loss {val_loss:.3f}" if val_loss is not None else ""))
-    names = sorted((f[:-4] for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".wav")), reverse=True)
-    items = "".join(f'<h2>iteration {int(n[5:])}</h2>\n<audio controls preload="none" src="{n}.wav"></audio><br>\n'
-                    f'<img src="{n}.png" alt="spectrogram at iteration {int(n[5:])}">\n' for n in names)
-    warning = ('<p style="color:#b00"><b>codec \'untrained\': the audio quality of these samples is MEANINGLESS'
-               '</b></p>\n' if codec.name == "untrained" else "")
-    page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>nanosuno: training progress</title></head>\n'
-            f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
-            f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
-            f"{items}</body></html>\n")
-    atomic_write_bytes(os.path.join(folder, "index.html"), page.encode())
+    write_progress_page(folder, cfg.out_dir, PROGRESS_SECONDS, cfg.seed, untrained=codec.name == "untrained")
 
 
 def setup_processes(cfg):
