@@ -15,9 +15,12 @@ import torch
 import train
 from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
 from nanosuno.baselines import unigram_kl, unigrams
-from nanosuno.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from nanosuno.checkpoint import (checkpoint_path, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                 save_checkpoint, with_resume_state)
+from nanosuno.codec import load_codec
 from nanosuno.common import UserError
 from nanosuno.generate import generate
+from nanosuno.model import GPT, GPTConfig
 
 # a model small enough that a CPU trains it in seconds
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -528,6 +531,22 @@ def test_weights_that_turn_nan_are_never_saved_and_never_loaded(trained, tmp_pat
     with pytest.raises(ValueError, match="refusing to save a checkpoint whose weights hold NaN or inf"):
         train.save_checkpoint(str(tmp_path / "new"), ckpt)
     assert not os.path.exists(tmp_path / "new" / "ckpt.pt")
+
+
+def test_make_checkpoint_makes_the_layout_that_loads(tmp_path):
+    """checkpoint.py makes the layout it checks on load: make_checkpoint's is ckpt.pt's, and
+    with_resume_state's on top of it is last.pt's, which resume loads."""
+    model = GPT(GPTConfig(block_size=16, n_codebooks=2, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(1e-3, 1e-2, 0.1, (0.9, 0.95))
+    ckpt = make_checkpoint(model, load_codec("untrained").info(2), 5, 4.5, 4.25, styles=(),
+                           reference_codes=torch.zeros(2, 3, dtype=torch.long))
+    rng = [{"torch": torch.get_rng_state(), "batches": torch.Generator().get_state(), "cuda": None}]
+    save_checkpoint(str(tmp_path), ckpt)
+    save_checkpoint(str(tmp_path), with_resume_state(ckpt, optimizer.state_dict(), rng), last=True)
+    best, latest = load_checkpoint(str(tmp_path)), load_checkpoint(str(tmp_path), resume=True)
+    assert (best["iter_num"], best["val_loss"], best["best_val_loss"], best["config"]) == (5, 4.5, 4.25, {})
+    assert "optimizer" not in best and latest.keys() == best.keys() | {"optimizer", "rng"}
+    assert model_from_checkpoint(best).config == model.config
 
 
 @pytest.mark.parametrize("change, message", [
