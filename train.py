@@ -464,7 +464,8 @@ def save_checkpoints(cfg, data, raw_model, optimizer, state, val, rng):
 class ProgressSamples:
     """Rank 0's progress samples (write_progress_sample), at every sample_every-th evaluation and at
     the end. The codec is loaded for the first; if it cannot be (the pretrained weights missing),
-    training goes on without progress samples, with a note."""
+    training goes on without progress samples, with one note (not one at every evaluation, nor a new
+    try at loading it each time)."""
 
     def __init__(self, cfg, data, device):
         self.cfg, self.data, self.device = cfg, data, device
@@ -474,12 +475,12 @@ class ProgressSamples:
         return self.cfg.sample_every and ((iter_num // self.cfg.eval_interval) % self.cfg.sample_every == 0 or last)
 
     def write(self, model, iter_num, val_loss, bar):
-        try:
-            self.codec = self.codec or codec_for(self.data.codec, self.data.codec_weights, self.cfg.codec_dir,
-                                                 self.device)
-        except UserError as e:
-            bar.write(f"note: no progress samples ({e})")
-            self.codec = False
+        if self.codec is None:
+            try:
+                self.codec = codec_for(self.data.codec, self.data.codec_weights, self.cfg.codec_dir, self.device)
+            except UserError as e:
+                bar.write(f"note: no progress samples ({e})")
+                self.codec = False
         if self.codec:
             write_progress_sample(self.cfg, model, self.codec, iter_num, val_loss)
 

@@ -89,6 +89,20 @@ def test_progress_samples(token_corpus, tmp_path):
     assert "MEANINGLESS" in page
 
 
+def test_a_codec_that_cannot_load_means_no_progress_samples_and_one_note(token_corpus, tmp_path, monkeypatch, capsys):
+    tries = []
+
+    def missing(*args):
+        tries.append(args)
+        raise UserError("the codec's weights are missing")
+    monkeypatch.setattr(train, "codec_for", missing)
+    run(token_corpus, tmp_path / "out", "--max_iters=6", "--eval_interval=2", "--sample_every=1")
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("note: no progress samples (the codec's weights are missing)") == 1
+    assert len(tries) == 1 and not os.path.exists(tmp_path / "out" / "progress")
+    assert load(tmp_path / "out", last=True)["iter_num"] == 6   # training went on
+
+
 def test_resume_is_exact(tmp_path):
     """N iterations + resume + N iterations = 2N iterations, bit for bit, on CPU; with style labels
     dropped at random (cfg_dropout) too."""
