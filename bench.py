@@ -808,7 +808,6 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
     decode_step, per precision, on a trained checkpoint (--ckpt=PATH; without it, config/small.py's
     dims are trained for --steps iterations (default 300) on data_dir first). decode_dtype=auto must
     stay within 0.005 nats of float32."""
-    import torch
     from nanosuno.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint
     from nanosuno.data import read_meta
     from nanosuno.evaluate import decode_cross_entropy, stacked_windows

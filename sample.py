@@ -16,7 +16,6 @@ from the checkpoint; `seconds` is the length of the new music (the prompt comes 
 Only the end of a long prompt is read (what the model's context continues); a request that cannot
 fit in memory is refused before anything is allocated; one run at a time writes into a sample_dir.
 """
-import html
 import math
 import os
 import time
@@ -31,12 +30,13 @@ from tqdm import tqdm
 from nanosuno.audio import load_audio, open_audio, save_wav
 from nanosuno.checkpoint import check_codec, check_codec_setting, checkpoint_path, load_checkpoint, model_from_checkpoint
 from nanosuno.codec import codec_for, decode_loop, untrained_warning
-from nanosuno.common import UserError, atomic_folder, atomic_write_bytes, lock_folder, run_cli
+from nanosuno.common import UserError, atomic_folder, lock_folder, run_cli
 from nanosuno.config import load_config
 from nanosuno.decode import Decoder, cache_dtype
 from nanosuno.evaluate import frame_cross_entropy, seam_flux
 from nanosuno.generate import check_sampling, generate, generate_loop, loop_bridge, loop_fits, prompt_frames_used
 from nanosuno.hardware import device_type, pick_decode_dtype, pick_device
+from nanosuno.pages import write_runs_page, write_sample_page
 from nanosuno.plots import save_spectrogram
 
 # memory per audio sample of a decoded piece while its WAV and spectrogram are made (check_memory):
@@ -220,18 +220,6 @@ def new_run_dir(sample_dir):
     return os.path.join(sample_dir, f"{max(runs, default=0) + 1:03d}")
 
 
-def write_runs_index(sample_dir):
-    """sample_dir/index.html: a link to each run's page, newest first."""
-    runs = sorted((e.name for e in os.scandir(sample_dir) if e.name.isdigit() and e.is_dir()), key=int, reverse=True)
-    items = "".join(f'<li><a href="{run}/index.html">run {run}</a>: '
-                    f'{len([f for f in os.listdir(os.path.join(sample_dir, run)) if f.endswith(".wav")])} sample(s), '
-                    f'{time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(os.path.join(sample_dir, run))))}'
-                    f'</li>\n' for run in runs)
-    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno sample runs</title></head>\n"
-            f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno sample runs</h1>\n<ul>\n{items}</ul>\n</body></html>\n")
-    atomic_write_bytes(os.path.join(sample_dir, "index.html"), page.encode())
-
-
 def write_reference(folder, ckpt, codec):
     """reference.wav and .png: the val excerpt the checkpoint carries, through the codec (what the
     codec makes of real music: the samples cannot sound better). Its name, or None without one."""
@@ -243,26 +231,6 @@ def write_reference(folder, ckpt, codec):
     save_spectrogram(os.path.join(folder, "reference.png"), waveform, codec.sample_rate,
                      f"your music through the codec ({codec.name}): a val excerpt, {waveform.numel() / codec.sample_rate:.1f} s")
     return "reference"
-
-
-def write_index(path, names, labels, settings, warning, loop=False, reference=None):
-    """A static page: the settings used, what the codec makes of a val excerpt (reference), then each
-    sample's label, player (playing on repeat, for loops) and spectrogram."""
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
-    items = "".join(f'<h2>{name}</h2>\n<p>{html.escape(label)}</p>\n'
-                    f'<audio controls{" loop" if loop else ""} preload="none" src="{name}.wav"></audio>'
-                    f'{" (a loop: it plays repeated)" if loop else ""}<br>\n'
-                    f'<img src="{name}.png" alt="spectrogram of {name}">\n' for name, label in zip(names, labels))
-    warn = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
-    if reference:
-        items = (f'<h2>your music through the codec</h2>\n<p>the start of a val file, encoded and decoded: what the '
-                 f'codec can make of real music (the samples cannot sound better than this)</p>\n'
-                 f'<audio controls preload="none" src="{reference}.wav"></audio><br>\n'
-                 f'<img src="{reference}.png" alt="spectrogram of the val excerpt">\n') + items
-    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>nanosuno samples</title></head>\n"
-            f"<body style=\"font-family:sans-serif\">\n<h1>nanosuno samples</h1>\n{warn}"
-            f"<table>{rows}</table>\n{items}</body></html>\n")
-    atomic_write_bytes(path, page.encode())
 
 
 def main(argv):
@@ -327,9 +295,9 @@ def main(argv):
                         "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
                         "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
             reference = write_reference(folder, ckpt, codec)
-            write_index(os.path.join(folder, "index.html"), names, labels, settings, warning, loop=bool(cfg.loop_seconds),
-                        reference=reference)
-        write_runs_index(sample_dir)
+            write_sample_page(os.path.join(folder, "index.html"), names, labels, settings, warning,
+                              loop=bool(cfg.loop_seconds), reference=reference)
+        write_runs_page(sample_dir)
 
     new_seconds = len(labels) * new_frames / codec.frame_rate
     print(f"wrote {len(names)} x {codes.shape[-1] / codec.frame_rate:.1f} s to "

@@ -13,14 +13,13 @@ replaces the old files only once its settings, data and model are checked. One r
 out_dir (a lock).
 """
 import dataclasses
-import html
 import json
 import math
 import os
 import shutil
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 from nanosuno.common import require_dependencies
 
@@ -34,11 +33,11 @@ from tqdm import tqdm
 
 from nanosuno.audio import save_wav
 from nanosuno.baselines import best_baseline, bits_per_second
-from nanosuno.checkpoint import (check_codec, check_codec_setting, checkpoint_path, load_checkpoint, load_weights,
-                                 read_checkpoint, save_checkpoint, weights_finite)
+from nanosuno.checkpoint import (CKPT_NAME, LAST_NAME, check_codec, check_codec_setting, checkpoint_path,
+                                 load_checkpoint, load_weights, make_checkpoint, read_checkpoint, save_checkpoint,
+                                 weights_finite, with_resume_state)
 from nanosuno.codec import codec_for, untrained_warning
-from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
-                             run_cli, writing)
+from nanosuno.common import UserError, lock_folder, refuse_folders, remove_stale_temporaries, run_cli, writing
 from nanosuno.config import MODEL_SETTINGS, Config, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
@@ -46,10 +45,56 @@ from nanosuno.generate import generate
 from nanosuno.hardware import autocast, device_type, peak_flops, pick_device, pick_dtype
 from nanosuno.model import GPT, GPTConfig, TRAINING_ONLY
 from nanosuno.optim import train_step
+from nanosuno.pages import write_progress_page
 from nanosuno.plots import save_loss_plot, save_spectrogram
 
 PROGRESS_SECONDS = 4.0   # length of the progress samples written at evaluations (sample_every)
 REFERENCE_SECONDS = 8.0  # length of the val excerpt every checkpoint carries (reference_excerpt)
+LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"   # in out_dir, beside the checkpoints
+
+
+@dataclass
+class Processes:
+    """What this process is and runs on: under torchrun, one of `world` processes (rank; local_rank: its
+    device's index on this node); otherwise the only one."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    device_type: str      # cuda, mps or cpu
+    dtype: torch.dtype
+    accum_steps: int      # micro-batches per iteration in this process (gradient_accumulation_steps // world)
+
+    @property
+    def master(self):     # rank 0 evaluates, logs and writes for all
+        return self.rank == 0
+
+
+@dataclass
+class Data:
+    """What training reads from data_dir."""
+    meta: dict                   # meta.json
+    codec: dict                  # the codec's info (codec_info) at n_codebooks
+    styles: list                 # style names: style id i is styles[i]
+    codec_weights: dict | None   # the fitted spectral codec's weights; None for the other codecs
+    train: Batches
+    val: Batches                 # (false when the val split is empty: no validation)
+    baseline: list | None        # per codebook, the best simple baseline's val loss (the yardstick)
+    reference: torch.Tensor      # (K, frames): the val excerpt every checkpoint carries
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint records beside the weights."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    finetuned_from: dict | None = None   # {path, iter_num} of the checkpoint fine-tuned
+    seconds_before: float = 0.0          # trained by the runs this one resumes
+    t_start: float = 0.0                 # when this run's training began (train_loop sets it)
+
+    def train_seconds(self):
+        return self.seconds_before + time.time() - self.t_start
 
 
 def get_lr(it, cfg, budget_used=None):
@@ -98,16 +143,7 @@ def write_progress_sample(cfg, model, codec, iter_num, val_loss):
     save_wav(os.path.join(folder, f"{name}.wav"), waveform, codec.sample_rate)
     save_spectrogram(os.path.join(folder, f"{name}.png"), waveform, codec.sample_rate,
                      f"iteration {iter_num}" + (f", val loss {val_loss:.3f}" if val_loss is not None else ""))
-    names = sorted((f[:-4] for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".wav")), reverse=True)
-    items = "".join(f'<h2>iteration {int(n[5:])}</h2>\n<audio controls preload="none" src="{n}.wav"></audio><br>\n'
-                    f'<img src="{n}.png" alt="spectrogram at iteration {int(n[5:])}">\n' for n in names)
-    warning = untrained_warning(codec.name)
-    warning = f'<p style="color:#b00"><b>{html.escape(warning)}</b></p>\n' if warning else ""
-    page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>nanosuno: training progress</title></head>\n'
-            f'<body style="font-family:sans-serif">\n<h1>training progress: {html.escape(cfg.out_dir)}</h1>\n{warning}'
-            f"<p>{PROGRESS_SECONDS:g} s from scratch at evaluations, seed {cfg.seed}, temperature 1, top_k 250</p>\n"
-            f"{items}</body></html>\n")
-    atomic_write_bytes(os.path.join(folder, "index.html"), page.encode())
+    write_progress_page(folder, cfg.out_dir, PROGRESS_SECONDS, cfg.seed, untrained_warning(codec.name))
 
 
 def setup_processes(cfg):
@@ -130,9 +166,8 @@ def setup_processes(cfg):
     if device_type(device) == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=rank == 0,
-                           device=device, device_type=device_type(device), dtype=pick_dtype(cfg.dtype, device),
-                           accum_steps=cfg.gradient_accumulation_steps // world)
+    return Processes(ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device, device_type=device_type(device),
+                     dtype=pick_dtype(cfg.dtype, device), accum_steps=cfg.gradient_accumulation_steps // world)
 
 
 def load_data(cfg, proc):
@@ -152,9 +187,9 @@ def load_data(cfg, proc):
     # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
     baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
     reference = reference_excerpt(val or train, cfg.n_codebooks, round(REFERENCE_SECONDS * meta["frame_rate"]))
-    return SimpleNamespace(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
-                           codec_weights=read_codec_weights(cfg.data_dir, meta), train=train, val=val,
-                           baseline=baseline, reference=reference)
+    return Data(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
+                codec_weights=read_codec_weights(cfg.data_dir, meta), train=train, val=val, baseline=baseline,
+                reference=reference)
 
 
 def reference_excerpt(batches, n_codebooks, frames):
@@ -198,59 +233,85 @@ def load_start(cfg, proc):
     return dataclasses.replace(cfg, **shape), ckpt
 
 
-def build_model(cfg, proc, data, ckpt):
-    """The model and its optimizer: new; with the weights of a checkpoint to fine-tune (a fresh
-    optimizer and schedule from iteration 0); or resumed from out_dir's checkpoint with the optimizer
-    and every process's random states, so that a resumed run goes on exactly as an uninterrupted one.
-    Returns them with the iteration to start from, the best val loss so far and where the weights
-    came from (finetuned_from, for the checkpoint)."""
-    # the model's shape: its settings, and the codebook size and number of styles of the data
-    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
-    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
-    iter_num, best_val_loss, finetuned_from = 0, float("inf"), None
-    path = next((p for p in (checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)) if os.path.exists(p)),
-                checkpoint_path(cfg.out_dir, last=True))
+def existing_checkpoint(out_dir):
+    """The checkpoint in out_dir that a new run would replace and resume continues (ckpt.pt, else
+    last.pt), named in messages."""
+    return next((p for p in (checkpoint_path(out_dir), checkpoint_path(out_dir, last=True)) if os.path.exists(p)),
+                checkpoint_path(out_dir, last=True))
+
+
+def refuse_overwrite(cfg):
+    """A run that does not resume out_dir's checkpoint replaces it only when asked to (overwrite)."""
+    path = existing_checkpoint(cfg.out_dir)
     if cfg.init_from != "resume" and os.path.exists(path) and not cfg.overwrite:
         new = "start from scratch" if cfg.init_from == "scratch" else f"fine-tune {cfg.init_from} into it"
         raise UserError(f"{path} exists: continue that run with --init_from=resume, or {new} "
                         f"with --overwrite=True (replaces its checkpoint, log and progress samples)")
-    if ckpt:
-        resume, source = cfg.init_from == "resume", path if cfg.init_from == "resume" else cfg.init_from
-        check_codec(data.codec, ckpt["codec"], f"the checkpoint {source}")
-        if not same_weights(data.codec_weights, ckpt.get("codec_weights")):   # another fit: codes mean other sounds
-            raise UserError(f"codec mismatch: the checkpoint {source} was trained with another fit of the spectral "
-                            f"codec than the one in {cfg.data_dir}: its codes mean other sounds; train from scratch")
-        # style id i is row i of the checkpoint's style table: another corpus's styles would get
-        # another style's row (or none), so resuming and fine-tuning both need the same style names
-        learned = ckpt.get("styles", [])   # (absent before styles existed)
-        if learned != data.styles:
-            fix = (f"prepare {cfg.data_dir} with --styles=none" if not learned else
-                   f"prepare {cfg.data_dir} from audio sorted into the folders {', '.join(learned)}")
-            raise UserError(f"cannot {'resume' if resume else 'fine-tune'} {source}: it learned the styles "
-                            f"{learned} but {cfg.data_dir} has {data.styles}; {fix}, or train from scratch")
-    if cfg.init_from == "resume":
-        iter_num, best_val_loss, finetuned_from = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("finetuned_from")
-        if iter_num >= cfg.max_iters and not cfg.max_minutes:
-            raise UserError(f"{path} has already trained {iter_num} iterations, max_iters is {cfg.max_iters}: "
-                            f"raise --max_iters to train on")
+
+
+def check_start_fits_data(cfg, data, ckpt):
+    """The checkpoint a run resumes or fine-tunes must know the data's codec (the same fit of it) and styles."""
+    resume = cfg.init_from == "resume"
+    source = existing_checkpoint(cfg.out_dir) if resume else cfg.init_from
+    check_codec(data.codec, ckpt["codec"], f"the checkpoint {source}")
+    if not same_weights(data.codec_weights, ckpt.get("codec_weights")):   # another fit: codes mean other sounds
+        raise UserError(f"codec mismatch: the checkpoint {source} was trained with another fit of the spectral "
+                        f"codec than the one in {cfg.data_dir}: its codes mean other sounds; train from scratch")
+    # style id i is row i of the checkpoint's style table: another corpus's styles would get
+    # another style's row (or none), so resuming and fine-tuning both need the same style names
+    learned = ckpt.get("styles", [])   # (absent before styles existed)
+    if learned != data.styles:
+        fix = (f"prepare {cfg.data_dir} with --styles=none" if not learned else
+               f"prepare {cfg.data_dir} from audio sorted into the folders {', '.join(learned)}")
+        raise UserError(f"cannot {'resume' if resume else 'fine-tune'} {source}: it learned the styles "
+                        f"{learned} but {cfg.data_dir} has {data.styles}; {fix}, or train from scratch")
+
+
+def resumed_state(cfg, ckpt):
+    """Where the run that resume continues stands; refused when it has already trained max_iters
+    iterations, or max_minutes with a time budget."""
+    state = TrainState(ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("finetuned_from"),
+                       ckpt.get("train_seconds", 0.0))
+    if state.iter_num >= cfg.max_iters and not cfg.max_minutes:
+        raise UserError(f"{existing_checkpoint(cfg.out_dir)} has already trained {state.iter_num} iterations, "
+                        f"max_iters is {cfg.max_iters}: raise --max_iters to train on")
+    if cfg.max_minutes and state.seconds_before >= cfg.max_minutes * 60:
+        raise UserError(f"{cfg.out_dir} has already trained {state.seconds_before / 60:.1f} min, max_minutes is "
+                        f"{cfg.max_minutes:g}: raise --max_minutes to train on")
+    return state
+
+
+def build_model(cfg, proc, data, ckpt):
+    """The model on its device, new or with the weights of the checkpoint it starts from, and its optimizer."""
+    # the model's shape: its settings, and the codebook size and number of styles of the data
+    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
+    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
     model = GPT(GPTConfig(**model_args))
     if ckpt:
         load_weights(model, ckpt)
     model.to(proc.device)
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    if cfg.init_from == "resume":
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            restore_random_states(ckpt["rng"], cfg, proc, data, iter_num)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise UserError(f"cannot resume {path}: its optimizer or random states do not fit this model "
-                            f"({type(e).__name__}: {e}); train again or point out_dir elsewhere")
-    elif ckpt:
-        finetuned_from = {"path": os.path.abspath(cfg.init_from), "iter_num": ckpt["iter_num"]}
-        if proc.master:
-            print(f"fine-tuning {cfg.init_from} (iteration {ckpt['iter_num']}) on {cfg.data_dir}: its weights "
-                  f"and shape, a fresh optimizer and learning-rate schedule")
-    return model, optimizer, iter_num, best_val_loss, finetuned_from
+    return model, optimizer
+
+
+def restore_training(cfg, proc, data, ckpt, optimizer, state):
+    """Resume: the optimizer's state and every process's random states as the checkpoint holds them,
+    so that a resumed run goes on exactly as an uninterrupted one."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_random_states(ckpt["rng"], cfg, proc, data, state.iter_num)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume {existing_checkpoint(cfg.out_dir)}: its optimizer or random states do not fit "
+                        f"this model ({type(e).__name__}: {e}); train again or point out_dir elsewhere")
+
+
+def fine_tuning_state(cfg, proc, ckpt):
+    """Fine-tuning a checkpoint: a fresh optimizer and schedule from iteration 0, recording where the
+    weights came from."""
+    if proc.master:
+        print(f"fine-tuning {cfg.init_from} (iteration {ckpt['iter_num']}) on {cfg.data_dir}: its weights "
+              f"and shape, a fresh optimizer and learning-rate schedule")
+    return TrainState(finetuned_from={"path": os.path.abspath(cfg.init_from), "iter_num": ckpt["iter_num"]})
 
 
 def budget_used(seconds, budget, proc):
@@ -305,147 +366,206 @@ def cut_torn_line(log_path):
             print(f"note: the last line of {log_path} was cut off (a crash while it was written): removed it")
 
 
-def train_loop(cfg, proc, data, raw_model, optimizer, iter_num, best_val_loss, finetuned_from=None, seconds_before=0.0):
-    """Train until max_iters, or until max_minutes of training (seconds_before of them spent by the run
-    this one resumes): evaluate, plot and checkpoint (rank 0) every eval_interval iterations and at
-    the end, log every log_interval."""
-    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.dtype == torch.float16)
+def compile_model(cfg, proc, raw_model):
+    """The model as training runs it: compiled (the compile setting; by default on CUDA) and, under
+    DDP, wrapped. Returns it and whether it is compiled."""
     use_compile = cfg.compile if cfg.compile is not None else proc.device_type == "cuda"
     model = torch.compile(raw_model) if use_compile else raw_model
     if proc.ddp:
         model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
+    return model, use_compile
+
+
+def steps_per_iter(cfg):
+    """Model steps (frames) an iteration trains on, all processes together."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+
+
+def start_outputs(cfg):
+    """Rank 0, once settings, data and model are checked: a new run replaces an old run's checkpoints,
+    log, plot and progress samples now; a resumed one appends to them."""
+    log_path, progress = os.path.join(cfg.out_dir, LOG_NAME), os.path.join(cfg.out_dir, "progress")
+    if cfg.init_from != "resume":
+        for old in (log_path, os.path.join(cfg.out_dir, PLOT_NAME), checkpoint_path(cfg.out_dir),
+                    checkpoint_path(cfg.out_dir, last=True)):
+            if os.path.exists(old):
+                os.remove(old)
+        shutil.rmtree(progress, ignore_errors=True)
+    else:
+        cut_torn_line(log_path)
+        if os.path.isdir(progress):
+            remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
+
+
+def print_banner(cfg, proc, data, raw_model, use_compile):
+    """Two lines on what trains: the model and where it runs, the data and its styles."""
+    meta = data.meta
+    print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
+          f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
+          f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
+          f"{proc.world} process(es)")
+    print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
+          f"frames ({meta['codec']}); {steps_per_iter(cfg):,} steps x {cfg.n_codebooks} codebooks per iteration; "
+          + (f"styles {', '.join(data.styles)} (labels dropped at random: cfg_dropout {cfg.cfg_dropout})"
+             if data.styles else "no styles"))
+
+
+def append_log(log_path, record):
+    with writing(log_path), open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(cfg, proc, data, raw_model, ctx, iter_num, lr):
+    """Rank 0: the losses on eval_iters batches of each split as this evaluation's log record, with
+    the best simple baselines and the val bit rate beside them."""
+    splits = {"train": data.train, "val": data.val} if data.val else {"train": data.train}
+    losses = estimate_losses(raw_model, splits, cfg.eval_iters, cfg.batch_size, cfg.seed + 1, proc.device, ctx)
+    record = {"iter": iter_num, "lr": lr, "train_loss": losses["train"][0], "train_codebook_losses": losses["train"][1]}
+    if "val" in losses:
+        record.update(val_loss=losses["val"][0], val_codebook_losses=losses["val"][1])
+    if data.baseline and "val" in losses:
+        record.update(baseline_loss=sum(data.baseline) / len(data.baseline), baseline_codebook_losses=data.baseline,
+                      val_bits_per_second=bits_per_second(losses["val"][1], data.meta["frame_rate"]))
+    return record
+
+
+def report(cfg, data, record, bar):
+    """An evaluation into log.jsonl, the loss plot and one line on the console."""
+    log_path = os.path.join(cfg.out_dir, LOG_NAME)
+    append_log(log_path, record)
+    save_loss_plot(log_path, os.path.join(cfg.out_dir, PLOT_NAME))
+    bar.write(eval_line(record["iter"], record, data.meta))
+
+
+def save_checkpoints(cfg, data, raw_model, optimizer, state, val, rng):
+    """After an evaluation (not the one a run starts with): last.pt always, ckpt.pt when val improved
+    (or always_save_checkpoint, or without a val split). Weights that turned NaN or inf end the run."""
+    improved = val < state.best_val_loss
+    state.best_val_loss = min(state.best_val_loss, val)
+    if not weights_finite(raw_model.state_dict()):  # nothing to save, nothing to train on
+        raise UserError(
+            f"training diverged at iteration {state.iter_num}: the weights hold NaN or inf, so nothing was "
+            f"saved ({checkpoint_path(cfg.out_dir)} keeps the best model so far, val {state.best_val_loss:.4f}); "
+            f"lower --learning_rate and --muon_lr, or raise --warmup_iters")
+    ckpt = make_checkpoint(raw_model, data.codec, state.iter_num, val, state.best_val_loss, cfg, data.styles,
+                           state.train_seconds(), data.meta.get("baselines"), state.finetuned_from, data.reference,
+                           data.codec_weights)
+    # last.pt at every evaluation: what resume continues from
+    save_checkpoint(cfg.out_dir, with_resume_state(ckpt, optimizer.state_dict(), rng), last=True)
+    if improved or cfg.always_save_checkpoint or not data.val:
+        save_checkpoint(cfg.out_dir, ckpt)
+
+
+class ProgressSamples:
+    """Rank 0's progress samples (write_progress_sample), at every sample_every-th evaluation and at
+    the end. The codec is loaded for the first; if it cannot be (the pretrained weights missing),
+    training goes on without progress samples, with one note (not one at every evaluation, nor a new
+    try at loading it each time)."""
+
+    def __init__(self, cfg, data, device):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.codec = None   # loaded at the first progress sample; False: unavailable
+
+    def due(self, iter_num, last):
+        return self.cfg.sample_every and ((iter_num // self.cfg.eval_interval) % self.cfg.sample_every == 0 or last)
+
+    def write(self, model, iter_num, val_loss, bar):
+        if self.codec is None:
+            try:
+                self.codec = codec_for(self.data.codec, self.data.codec_weights, self.cfg.codec_dir, self.device)
+            except UserError as e:
+                bar.write(f"note: no progress samples ({e})")
+                self.codec = False
+        if self.codec:
+            write_progress_sample(self.cfg, model, self.codec, iter_num, val_loss)
+
+
+class Speedometer:
+    """Rank 0's progress every log_interval iterations, on the bar and in log.jsonl: loss, learning
+    rate, time per iteration, tokens per second and MFU (model FLOPs utilisation, smoothed)."""
+
+    def __init__(self, cfg, proc, raw_model):
+        self.cfg, self.raw_model, self.t0, self.running_mfu = cfg, raw_model, time.time(), -1.0
+        self.peak = peak_flops(proc.device, proc.dtype if proc.dtype != torch.float16 else torch.float32)
+
+    def log(self, iter_num, loss, lr, bar):
+        cfg, steps = self.cfg, steps_per_iter(self.cfg)
+        loss_value = loss.item()  # .item() syncs with the GPU: only when logging
+        dt = (time.time() - self.t0) / cfg.log_interval
+        self.t0 = time.time()
+        mfu = self.raw_model.estimate_mfu(steps / dt, self.peak) if self.peak else float("nan")
+        self.running_mfu = mfu if self.running_mfu < 0 else 0.9 * self.running_mfu + 0.1 * mfu
+        tokens_per_s = steps * cfg.n_codebooks / dt
+        bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {dt * 1000:.0f}ms/it "
+                            f"{tokens_per_s:,.0f} tok/s mfu {self.running_mfu * 100:.1f}%")
+        append_log(os.path.join(cfg.out_dir, LOG_NAME), {"iter": iter_num, "loss": loss_value, "lr": lr,
+                                                         "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s,
+                                                         "mfu": mfu})
+
+
+def print_summary(cfg, state, start_iter, budget):
+    """What this run trained, how fast, and where its outputs are."""
+    seconds = time.time() - state.t_start
+    steps = (state.iter_num - start_iter) * steps_per_iter(cfg)
+    if budget:
+        print(f"time budget: {cfg.max_minutes:g} min, {(state.seconds_before + seconds) / 60:.1f} min trained "
+              f"({seconds / 60:.1f} in this run), the schedule at min_lr {cfg.min_lr:g}")
+    print(f"trained {state.iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
+          f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
+          f"best model {checkpoint_path(cfg.out_dir)} (val {state.best_val_loss:.4f}), latest "
+          f"{checkpoint_path(cfg.out_dir, last=True)}, log {os.path.join(cfg.out_dir, LOG_NAME)}, "
+          f"plot {os.path.join(cfg.out_dir, PLOT_NAME)}")
+
+
+def train_loop(cfg, proc, data, raw_model, optimizer, state):
+    """Train until max_iters, or until max_minutes of training (state.seconds_before of them spent by
+    the run this one resumes): evaluate, plot and checkpoint (rank 0) every eval_interval iterations
+    and at the end, log every log_interval."""
+    model, use_compile = compile_model(cfg, proc, raw_model)
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.dtype == torch.float16)
     ctx = autocast(proc.device, proc.dtype)
-
-    # --- logging ------------------------------------------------------------------------------------
-    meta, master = data.meta, proc.master
-    steps_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size   # all ranks
-    peak = peak_flops(proc.device, proc.dtype if proc.dtype != torch.float16 else torch.float32) if master else None
-    log_path, plot_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png")
-    if master:
-        progress = os.path.join(cfg.out_dir, "progress")
-        if cfg.init_from != "resume":  # settings, data and model are checked: now replace an old run
-            for old in (log_path, plot_path, checkpoint_path(cfg.out_dir), checkpoint_path(cfg.out_dir, last=True)):
-                if os.path.exists(old):
-                    os.remove(old)
-            shutil.rmtree(progress, ignore_errors=True)
-        else:
-            cut_torn_line(log_path)
-            if os.path.isdir(progress):
-                remove_stale_temporaries(progress)   # out_dir's lock covers its progress folder too
-        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
-              f"{cfg.n_layer} layers, {cfg.n_embd} embd, {cfg.n_codebooks} codebooks of {meta['codebook_size']}; "
-              f"device {proc.device}, {str(proc.dtype).removeprefix('torch.')}, compile {use_compile}, "
-              f"{proc.world} process(es)")
-        print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
-              f"frames ({meta['codec']}); {steps_per_iter:,} steps x {cfg.n_codebooks} codebooks per iteration; "
-              + (f"styles {', '.join(data.styles)} (labels dropped at random: cfg_dropout {cfg.cfg_dropout})"
-                 if data.styles else "no styles"))
-
-    def log(record):
-        with writing(log_path), open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint(val, rng, last):
-        """The latest checkpoint (last: with what resuming needs) or the best one (what sampling needs)."""
-        ckpt = {"model": raw_model.state_dict(), "model_args": dataclasses.asdict(raw_model.config),
-                "codec": data.codec, "config": dataclasses.asdict(cfg), "styles": data.styles,
-                "iter_num": iter_num, "val_loss": val, "best_val_loss": best_val_loss,
-                "train_seconds": seconds_before + time.time() - t_start,
-                "baselines": data.meta.get("baselines"), "finetuned_from": finetuned_from,
-                "reference_codes": data.reference}
-        if data.codec_weights is not None:   # the fitted codec: sample.py decodes with it, no data_dir needed
-            ckpt["codec_weights"] = data.codec_weights
-        save_checkpoint(cfg.out_dir, {**ckpt, "optimizer": optimizer.state_dict(), "rng": rng} if last else ckpt, last)
-
-    def progress_sample(codec, iter_num, val_loss):
-        """A progress sample (rank 0): the codec is loaded on first use; if it cannot be (the pretrained
-        weights missing), say so once and go on training without progress samples."""
-        try:
-            codec = codec or codec_for(data.codec, data.codec_weights, cfg.codec_dir, proc.device)
-        except UserError as e:
-            bar.write(f"note: no progress samples ({e})")
-            return False
-        if codec:
-            write_progress_sample(cfg, raw_model, codec, iter_num, val_loss)
-        return codec
-
-    # --- the loop -------------------------------------------------------------------------------------
-    progress_codec = None   # loaded at the first progress sample; False: unavailable
-    eval_splits = {"train": data.train, "val": data.val} if data.val else {"train": data.train}
-    start_iter, t_start = iter_num, time.time()
+    if proc.master:
+        start_outputs(cfg)
+        print_banner(cfg, proc, data, raw_model, use_compile)
+    progress = ProgressSamples(cfg, data, proc.device)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    bar = tqdm(total=None if budget else cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True,
-               unit="it")
-    t0, running_mfu, loss_value = time.time(), -1.0, float("nan")
+    start_iter, state.t_start = state.iter_num, time.time()
+    bar = tqdm(total=None if budget else cfg.max_iters, initial=state.iter_num, disable=not proc.master,
+               dynamic_ncols=True, unit="it")
+    speed = Speedometer(cfg, proc, raw_model) if proc.master else None
     while True:
-        used = budget_used(seconds_before + time.time() - t_start, budget, proc) if budget else None
-        lr = get_lr(iter_num, cfg, used)
+        used = budget_used(state.train_seconds(), budget, proc) if budget else None
+        lr = get_lr(state.iter_num, cfg, used)
         for group in optimizer.param_groups:   # AdamW's at learning_rate, Muon's at muon_lr: both follow the schedule
             group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
 
-        last = used >= 1.0 if budget else iter_num >= cfg.max_iters
-        evaluating = iter_num % cfg.eval_interval == 0 or last
-        if evaluating:  # for a checkpoint (every process takes part in gathering them)
-            rng = random_states(proc, data) if iter_num > start_iter else None
-        if master and evaluating:
-            losses = estimate_losses(raw_model, eval_splits, cfg.eval_iters, cfg.batch_size, cfg.seed + 1, proc.device, ctx)
-            val = losses.get("val", losses["train"])[0]
-            record = {"iter": iter_num, "lr": lr, "train_loss": losses["train"][0],
-                      "train_codebook_losses": losses["train"][1]}
-            if "val" in losses:
-                record.update(val_loss=losses["val"][0], val_codebook_losses=losses["val"][1])
-            if data.baseline and "val" in losses:
-                record.update(baseline_loss=sum(data.baseline) / len(data.baseline), baseline_codebook_losses=data.baseline,
-                              val_bits_per_second=bits_per_second(losses["val"][1], meta["frame_rate"]))
-            log(record)
-            save_loss_plot(log_path, plot_path)
-            bar.write(eval_line(iter_num, record, meta))
-            if cfg.sample_every and ((iter_num // cfg.eval_interval) % cfg.sample_every == 0 or last):
-                progress_codec = progress_sample(progress_codec, iter_num, record.get("val_loss"))
-            if iter_num > start_iter:   # (the evaluation a run starts with saves nothing, so it is no best)
-                improved = val < best_val_loss
-                best_val_loss = min(best_val_loss, val)
-                if not weights_finite(raw_model.state_dict()):  # nothing to save, nothing to train on
-                    raise UserError(
-                        f"training diverged at iteration {iter_num}: the weights hold NaN or inf, so nothing was "
-                        f"saved ({checkpoint_path(cfg.out_dir)} keeps the best model so far, val {best_val_loss:.4f}); "
-                        f"lower --learning_rate and --muon_lr, or raise --warmup_iters")
-                checkpoint(val, rng, last=True)   # every evaluation: what resume continues from
-                if improved or cfg.always_save_checkpoint or not data.val:
-                    checkpoint(val, rng, last=False)
+        # every eval_interval iterations and at the end: evaluate, log, checkpoint, progress sample
+        last = used >= 1.0 if budget else state.iter_num >= cfg.max_iters
+        if state.iter_num % cfg.eval_interval == 0 or last:
+            # the random states for the checkpoint: every process takes part in gathering them
+            rng = random_states(proc, data) if state.iter_num > start_iter else None
+            if proc.master:
+                record = evaluate(cfg, proc, data, raw_model, ctx, state.iter_num, lr)
+                report(cfg, data, record, bar)
+                if progress.due(state.iter_num, last):
+                    progress.write(raw_model, state.iter_num, record.get("val_loss"), bar)
+                if state.iter_num > start_iter:   # (the evaluation a run starts with saves nothing: it is no best)
+                    val = record.get("val_loss", record["train_loss"])
+                    save_checkpoints(cfg, data, raw_model, optimizer, state, val, rng)
         if last:
             break
 
         # style labels dropped with probability cfg_dropout: the model also learns "no style" (guidance needs it)
         get_batch = lambda: data.train.sample(cfg.batch_size, proc.device, cfg.cfg_dropout)
         loss = train_step(model, optimizer, scaler, get_batch, proc.accum_steps, cfg.grad_clip, proc.ddp, ctx)
-        iter_num += 1
+        state.iter_num += 1
         bar.update(1)
-
-        if iter_num % cfg.log_interval == 0 and master:
-            loss_value = loss.item()  # .item() syncs with the GPU: only when logging
-            dt = (time.time() - t0) / cfg.log_interval
-            t0 = time.time()
-            mfu = raw_model.estimate_mfu(steps_per_iter / dt, peak) if peak else float("nan")
-            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-            tokens_per_s = steps_per_iter * cfg.n_codebooks / dt
-            bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {dt * 1000:.0f}ms/it "
-                                f"{tokens_per_s:,.0f} tok/s mfu {running_mfu * 100:.1f}%")
-            log({"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
-                 "tokens_per_s": tokens_per_s, "mfu": mfu})
+        if state.iter_num % cfg.log_interval == 0 and proc.master:
+            speed.log(state.iter_num, loss, lr, bar)
     bar.close()
-
-    if master:
-        seconds = time.time() - t_start
-        steps = (iter_num - start_iter) * steps_per_iter
-        if budget:
-            print(f"time budget: {cfg.max_minutes:g} min, {(seconds_before + seconds) / 60:.1f} min trained "
-                  f"({seconds / 60:.1f} in this run), the schedule at min_lr {cfg.min_lr:g}")
-        print(f"trained {iter_num - start_iter} iterations ({steps:,} steps, {steps * cfg.n_codebooks:,} tokens) "
-              f"in {seconds:.0f}s ({steps * cfg.n_codebooks / max(seconds, 1e-9):,.0f} tok/s); "
-              f"best model {checkpoint_path(cfg.out_dir)} (val {best_val_loss:.4f}), latest "
-              f"{checkpoint_path(cfg.out_dir, last=True)}, log {log_path}, plot {plot_path}")
+    if proc.master:
+        print_summary(cfg, state, start_iter, budget)
 
 
 def main(argv):
@@ -454,16 +574,20 @@ def main(argv):
     # one run at a time writes into out_dir (rank 0 writes for all processes)
     with lock_folder(cfg.out_dir, "out_dir") if proc.master else nullcontext():
         if proc.master:
-            refuse_folders(*(os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "last.pt", "log.jsonl", "loss.png")))
+            refuse_folders(*(os.path.join(cfg.out_dir, name) for name in (CKPT_NAME, LAST_NAME, LOG_NAME, PLOT_NAME)))
         cfg, ckpt = load_start(cfg, proc)
         data = load_data(cfg, proc)
-        model, optimizer, iter_num, best_val_loss, finetuned_from = build_model(cfg, proc, data, ckpt)
-        seconds_before = ckpt.get("train_seconds", 0.0) if cfg.init_from == "resume" else 0.0
-        if cfg.max_minutes and seconds_before >= cfg.max_minutes * 60:
-            raise UserError(f"{cfg.out_dir} has already trained {seconds_before / 60:.1f} min, max_minutes is "
-                            f"{cfg.max_minutes:g}: raise --max_minutes to train on")
+        refuse_overwrite(cfg)
+        if ckpt:
+            check_start_fits_data(cfg, data, ckpt)
+        state = resumed_state(cfg, ckpt) if cfg.init_from == "resume" else None
+        model, optimizer = build_model(cfg, proc, data, ckpt)
+        if cfg.init_from == "resume":
+            restore_training(cfg, proc, data, ckpt, optimizer, state)
+        else:
+            state = fine_tuning_state(cfg, proc, ckpt) if ckpt else TrainState()
         del ckpt  # free its tensors: the model and the optimizer hold copies
-        train_loop(cfg, proc, data, model, optimizer, iter_num, best_val_loss, finetuned_from, seconds_before)
+        train_loop(cfg, proc, data, model, optimizer, state)
     if proc.ddp:
         destroy_process_group()
 

@@ -24,8 +24,10 @@ Each holds:
     reference_codes  (K, frames) int64: the start of a val file (8 s), so that sample.py can let you
                      hear what the codec makes of your own music beside the samples
 
-The structure is checked on load (check_structure): a valid torch file of another structure, or
-weights that are NaN or inf, end in one line, not in a KeyError deep inside train.py or sample.py.
+make_checkpoint makes this layout (with_resume_state adds last.pt's optimizer and rng): train.py and
+the tests build checkpoints with it, none by hand. The structure is checked on load (check_structure):
+a valid torch file of another structure, or weights that are NaN or inf, end in one line, not in a
+KeyError deep inside train.py or sample.py.
 """
 import dataclasses
 import os
@@ -43,6 +45,26 @@ LAST_NAME = "last.pt"   # the latest, for resuming
 
 def checkpoint_path(out_dir, last=False):
     return os.path.join(out_dir, LAST_NAME if last else CKPT_NAME)
+
+
+def make_checkpoint(model, codec, iter_num, val_loss, best_val_loss, config=None, styles=(), train_seconds=0.0,
+                    baselines=None, finetuned_from=None, reference_codes=None, codec_weights=None):
+    """A checkpoint of the layout above (what sampling and fine-tuning need) of a GPT at iter_num:
+    its weights and shape, codec (Codec.info()) and the rest as named there. config: the run's Config
+    (None: none recorded); codec_weights only for the fitted spectral codec."""
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "codec": codec,
+            "config": dataclasses.asdict(config) if config is not None else {}, "styles": list(styles),
+            "iter_num": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss, "train_seconds": train_seconds,
+            "baselines": baselines, "finetuned_from": finetuned_from, "reference_codes": reference_codes}
+    if codec_weights is not None:   # the fitted codec: sample.py decodes with it, no data_dir needed
+        ckpt["codec_weights"] = codec_weights
+    return ckpt
+
+
+def with_resume_state(ckpt, optimizer_state, rng):
+    """The checkpoint with what resuming needs on top (last.pt's): the optimizer's state dict and
+    every process's random states (rng, as the module doc says)."""
+    return {**ckpt, "optimizer": optimizer_state, "rng": rng}
 
 
 def save_checkpoint(out_dir, ckpt, last=False):

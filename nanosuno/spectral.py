@@ -25,7 +25,6 @@ max_frames frames drawn uniformly from the training files (random keys, the smal
 memory stays bounded whatever the corpus size.
 """
 import hashlib
-import math
 
 import torch
 import torchaudio

@@ -51,10 +51,8 @@ def browse(page, profile):
                                              "open the listening pages in")
 def test_a_sample_page_plays_and_shows_everything_in_a_browser(tmp_path):
     codec = load_codec("untrained")
-    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2)
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-    ckpt["reference_codes"] = torch.randint(0, 1024, (2, 75))   # a val excerpt, as train.py stores one
-    torch.save(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    # with a val excerpt, as train.py stores one
+    out_dir = save_tiny_checkpoint(tmp_path / "out", codec, K=2, reference_codes=torch.randint(0, 1024, (2, 75)))
     run = run_sample(out_dir, "--seconds=0.5", "--num_samples=2")
     found = browse(os.path.join(run, "index.html"), tmp_path / "profile")
     assert found["images"] == [True, True, True]                     # the reference and the two samples

@@ -15,7 +15,8 @@ import sample
 from conftest import fail_writes, hold_lock, write_token_corpus
 from nanosuno import demo
 from nanosuno.audio import load_audio, save_wav
-from nanosuno.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from nanosuno.checkpoint import (checkpoint_path, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                 save_checkpoint)
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
 from nanosuno.evaluate import frame_cross_entropy
@@ -38,12 +39,11 @@ def codec():
     return load_codec("untrained")
 
 
-def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None, styles=()):
+def save_tiny_checkpoint(out_dir, codec, K=8, block_size=64, codec_name=None, styles=(), reference_codes=None):
     model = tiny_model(K, block_size, n_styles=len(styles))
-    save_checkpoint(str(out_dir), {
-        "model": model.state_dict(), "model_args": vars(model.config).copy(), "iter_num": 7, "best_val_loss": 9.9,
-        "codec": {**codec.info(K), "name": codec_name or codec.name},
-        "config": {}, "styles": list(styles)})
+    info = {**codec.info(K), "name": codec_name or codec.name}
+    save_checkpoint(str(out_dir), make_checkpoint(model, info, iter_num=7, val_loss=9.9, best_val_loss=9.9, styles=styles,
+                                                  reference_codes=reference_codes))
     return str(out_dir)
 
 

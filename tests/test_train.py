@@ -15,9 +15,12 @@ import torch
 import train
 from conftest import ROOT, fail_writes, hold_lock, run_torchrun, write_token_corpus
 from nanosuno.baselines import unigram_kl, unigrams
-from nanosuno.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from nanosuno.checkpoint import (checkpoint_path, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                 save_checkpoint, with_resume_state)
+from nanosuno.codec import load_codec
 from nanosuno.common import UserError
 from nanosuno.generate import generate
+from nanosuno.model import GPT, GPTConfig
 
 # a model small enough that a CPU trains it in seconds
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -84,6 +87,20 @@ def test_progress_samples(token_corpus, tmp_path):
     page = open(progress / "index.html").read()
     assert page.index("iter_000012.wav") < page.index("iter_000008.wav") < page.index("iter_000000.wav")
     assert "MEANINGLESS" in page
+
+
+def test_a_codec_that_cannot_load_means_no_progress_samples_and_one_note(token_corpus, tmp_path, monkeypatch, capsys):
+    tries = []
+
+    def missing(*args):
+        tries.append(args)
+        raise UserError("the codec's weights are missing")
+    monkeypatch.setattr(train, "codec_for", missing)
+    run(token_corpus, tmp_path / "out", "--max_iters=6", "--eval_interval=2", "--sample_every=1")
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("note: no progress samples (the codec's weights are missing)") == 1
+    assert len(tries) == 1 and not os.path.exists(tmp_path / "out" / "progress")
+    assert load(tmp_path / "out", last=True)["iter_num"] == 6   # training went on
 
 
 def test_resume_is_exact(tmp_path):
@@ -530,6 +547,22 @@ def test_weights_that_turn_nan_are_never_saved_and_never_loaded(trained, tmp_pat
     assert not os.path.exists(tmp_path / "new" / "ckpt.pt")
 
 
+def test_make_checkpoint_makes_the_layout_that_loads(tmp_path):
+    """checkpoint.py makes the layout it checks on load: make_checkpoint's is ckpt.pt's, and
+    with_resume_state's on top of it is last.pt's, which resume loads."""
+    model = GPT(GPTConfig(block_size=16, n_codebooks=2, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(1e-3, 1e-2, 0.1, (0.9, 0.95))
+    ckpt = make_checkpoint(model, load_codec("untrained").info(2), 5, 4.5, 4.25, styles=(),
+                           reference_codes=torch.zeros(2, 3, dtype=torch.long))
+    rng = [{"torch": torch.get_rng_state(), "batches": torch.Generator().get_state(), "cuda": None}]
+    save_checkpoint(str(tmp_path), ckpt)
+    save_checkpoint(str(tmp_path), with_resume_state(ckpt, optimizer.state_dict(), rng), last=True)
+    best, latest = load_checkpoint(str(tmp_path)), load_checkpoint(str(tmp_path), resume=True)
+    assert (best["iter_num"], best["val_loss"], best["best_val_loss"], best["config"]) == (5, 4.5, 4.25, {})
+    assert "optimizer" not in best and latest.keys() == best.keys() | {"optimizer", "rng"}
+    assert model_from_checkpoint(best).config == model.config
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["codec"].update(codebook_size=2048), r"codec untrained: codebook_size 2048 \(the codec's is 1024\)"),
     (lambda c: c["codec"].update(frame_rate=0), r"codec untrained: frame_rate 0 \(the codec's is 75\)"),
@@ -577,7 +610,7 @@ def test_a_time_budget_ends_on_time_at_min_lr_and_resumes_with_what_is_left(toke
     assert all(a["lr"] >= b["lr"] for a, b in zip(steps[5:], steps[6:]))   # decaying after warmup
     latest = load(out, last=True)
     assert latest["config"]["max_minutes"] == 0.1 and 6 <= latest["train_seconds"] < 10
-    assert f"time budget: 0.1 min" in capsys.readouterr().out
+    assert "time budget: 0.1 min" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"has already trained 0.1 min, max_minutes is 0.1: raise --max_minutes"):
         run(token_corpus, out, "--max_minutes=0.1", "--init_from=resume")
     run(token_corpus, out, "--max_minutes=0.15", "--init_from=resume", "--eval_interval=1000000")
