@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanosuno.decode import CUDAGraphStep, Decoder
+from nanosuno.decode import Decoder
 from nanosuno.evaluate import frame_cross_entropy
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
@@ -116,6 +116,15 @@ def check_request(model_config, new_frames, prompt, styles, cfg_coef):
         raise ValueError("cfg_coef guides towards a style: give styles too")
 
 
+def streams_styles(styles, num_samples, guided, n_styles, device):
+    """The style id of each of the model's streams (None: no styles): the pieces, num_samples per
+    style, then (guided) each piece again as "no style" (id n_styles)."""
+    if styles is None:
+        return None
+    ids = torch.tensor(styles, device=device).repeat_interleave(num_samples)
+    return torch.cat([ids, torch.full_like(ids, n_styles)]) if guided else ids
+
+
 @torch.inference_mode()
 def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
              seed=1337, context_stride=0.25, progress=None, styles=None, cfg_coef=None):
@@ -140,13 +149,8 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
     K, special, device = cfg.n_codebooks, cfg.codebook_size, decoder.device
     check_sampling(special, temperature, top_k, top_p, num_samples, context_stride, cfg_coef=cfg_coef)
     check_request(cfg, new_frames, prompt, styles, cfg_coef)
-    B = num_samples * (1 if styles is None else len(styles))
-    # the model's streams: the pieces, then (guided) each piece again without its style
-    guided, stream_styles = cfg_coef is not None, None
-    if styles is not None:
-        stream_styles = torch.tensor(styles, device=device).repeat_interleave(num_samples)
-        if guided:
-            stream_styles = torch.cat([stream_styles, torch.full_like(stream_styles, cfg.n_styles)])
+    B, guided = num_samples * (1 if styles is None else len(styles)), cfg_coef is not None
+    stream_styles = streams_styles(styles, num_samples, guided, cfg.n_styles, device)
     both = (lambda codes: torch.cat([codes, codes])) if guided else (lambda codes: codes)
     streams = 2 * B if guided else B
     P = 0 if prompt is None else prompt_frames_used(model, prompt.shape[1], context_stride)
@@ -173,10 +177,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
         return codes
 
     cache = decoder.new_cache(streams)
-    if device.type == "cuda":   # a step is one captured graph instead of ~100 kernel launches
-        decode_step = CUDAGraphStep(decoder, cache, stream_styles)
-    else:
-        decode_step = lambda codes, cache: decoder.step(codes, cache, stream_styles)
+    decode_step = decoder.step_function(cache, stream_styles)
     if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
         logits = decoder.prefill(both(window(0, P)), cache, stream_styles)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped

@@ -12,9 +12,8 @@ for "no style" (id n_styles), is added to every step's input. Trained with label
 to "no style", the same model is also unconditional, which classifier-free guidance needs
 (generate.py). With n_styles = 0 (the default) there is no style table at all.
 
-Generation uses a KV cache (decode.py): `prefill` runs the prompt once through forward() (the same
-Block code as training), then decode.Decoder costs O(current length) per step, with forward() for
-one step written out flat there; a test holds the two equal.
+Generation (decode.py) runs a prompt into a KV cache through forward() (`prefill`), then one step at
+a time through forward() for one step written out flat there; a test holds the two equal.
 """
 import math
 from dataclasses import dataclass, fields
@@ -254,8 +253,7 @@ class GPT(nn.Module):
         """nanoGPT's (PaLM appendix B) count of training FLOPs per step (= per position):
         6 per parameter for the matmuls, plus attention's 12 * layers * embd * context."""
         cfg = self.config
-        T = T or cfg.block_size
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (T or cfg.block_size)
 
     def estimate_mfu(self, steps_per_second, peak_flops, T=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
