@@ -1,7 +1,7 @@
 """
 Throughput benchmarks. They print figures and assert nothing (never part of the test suite).
 
-    python bench.py prepare [--corpus=DIR] [--minutes=N] [--long_minutes=30] [--codec=NAME] [--repeats=1] [--workers=N]
+    python bench.py prepare [--corpus=DIR] [--minutes=N] [--long_minutes=30] [--codec=NAME] [--repeats=1]
     python bench.py train [--compile] [--batch_size=N]
     python bench.py sample
     python bench.py decode_quality [--ckpt=PATH] [--data_dir=data/tokens] [--steps=300]
@@ -17,8 +17,7 @@ Each measurement runs in a fresh process, so that its peak memory (RSS high-wate
 
 prepare: the whole prepare.py command on a real corpus, next to the codec's raw encode of the same
 audio (already decoded and in memory) in the same run; then one long file (the corpus looped to
---long_minutes) to show that peak memory does not grow with a file's length. With --workers=N,
-prepare also runs with N worker processes, taking turns with the one-process run. Targets: prepare
+--long_minutes) to show that peak memory does not grow with a file's length. Targets: prepare
 reaches at least 80% of raw encode's audio-seconds per second; a 30-minute file prepares in
 under 2 GB. The corpus, ~2 h of Ogg Vorbis (never copy it into the repository):
     cd /tmp && apt-get download wesnoth-1.16-music && dpkg -x wesnoth-1.16-music*.deb /tmp/wesnoth
@@ -64,7 +63,7 @@ def run_command(script, *args):
 
 def in_fresh_process(fn, *args):
     """fn(*args) in a new process: returns (its result, its peak RSS in MB: that of the largest of it and
-    its own child processes, such as prepare's workers)."""
+    its own child processes, such as the prepare.py command it runs)."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_measured, args=(send, fn, *args))
@@ -86,7 +85,7 @@ def _measured(send, fn, *args):
 
 # --- prepare -----------------------------------------------------------------------------------
 
-def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=None, repeats=1, workers=1):
+def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=None, repeats=1):
     import soundfile as sf
     from nanosuno.audio import find_audio_files
     from nanosuno.codec import pretrained_available
@@ -120,7 +119,7 @@ def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=No
         # Raw encode and prepare take turns, `repeats` times each; the best run of each counts: on a
         # machine shared with other jobs the slower runs measure the neighbours. CPU seconds (all
         # threads) are printed too: they move much less with the neighbours' load.
-        runs = {"raw": [], "prepare": [], "workers": []}  # (CPU seconds, peak RSS) of each run
+        runs = {"raw": [], "prepare": []}  # (CPU seconds, peak RSS) of each run
 
         def raw():
             (seconds, elapsed, cpu, distinct), peak = in_fresh_process(raw_encode, paths, codec_name)
@@ -132,26 +131,20 @@ def bench_prepare(corpus=WESNOTH, minutes=None, long_minutes=30.0, codec_name=No
             runs["seconds"] = seconds
             return seconds / elapsed
 
-        def prep(n=1):
-            name = "prepare" if n == 1 else "workers"
-            tokens = os.path.join(work, f"tokens-{name}-{len(runs[name])}")  # a fresh cache each time
-            (elapsed, cpu), peak = in_fresh_process(run_prepare, corpus_copy, tokens, codec_name, n)
+        def prep():
+            tokens = os.path.join(work, f"tokens-{len(runs['prepare'])}")  # a fresh cache each time
+            (elapsed, cpu), peak = in_fresh_process(run_prepare, corpus_copy, tokens, codec_name)
             seconds = runs["seconds"]
-            runs[name].append((cpu, peak))
-            print(f"prepare{f' --workers={n}' if n > 1 else ''}: {seconds / elapsed:.1f} audio-s/s ({seconds / 60:.1f} "
-                  f"min in {elapsed:.1f} s, {cpu:.1f} CPU-s; the whole command, codec loading included), peak RSS "
-                  f"{peak:.0f} MB{' (the largest process)' if n > 1 else ''}")
+            runs["prepare"].append((cpu, peak))
+            print(f"prepare: {seconds / elapsed:.1f} audio-s/s ({seconds / 60:.1f} min in {elapsed:.1f} s, "
+                  f"{cpu:.1f} CPU-s; the whole command, codec loading included), peak RSS {peak:.0f} MB")
             return seconds / elapsed
 
-        measures = [raw, prep] + ([lambda: prep(workers)] if workers > 1 else [])
-        best_raw, best_prepare, *best_workers = best_of(repeats, *measures)
+        best_raw, best_prepare = best_of(repeats, raw, prep)
         cpu_ratio = min(cpu for cpu, _ in runs["raw"]) / min(cpu for cpu, _ in runs["prepare"])
         prepare_peak = max(peak for _, peak in runs["prepare"])
         print(f"best of {repeats}: raw encode {best_raw:.1f} audio-s/s, prepare {best_prepare:.1f} audio-s/s "
               f"= {best_prepare / best_raw:.0%} by wall clock, {cpu_ratio:.0%} by CPU time (target: at least 80%)")
-        if best_workers:
-            print(f"best of {repeats}: prepare --workers={workers} {best_workers[0]:.1f} audio-s/s = "
-                  f"{best_workers[0] / best_prepare:.2f}x one process")
 
         if long_minutes:
             long_dir = os.path.join(work, "long")
@@ -192,14 +185,13 @@ def raw_encode(paths, codec_name):
     return seconds, elapsed, cpu, distinct
 
 
-def run_prepare(input_dir, data_dir, codec_name, workers=1):
-    """Wall-clock and CPU seconds (its workers' included) of the whole prepare command (codec loading included)."""
+def run_prepare(input_dir, data_dir, codec_name):
+    """Wall-clock and CPU seconds of the whole prepare command (codec loading included)."""
     def cpu_seconds():
         return sum(usage.ru_utime + usage.ru_stime for usage in map(resource.getrusage, (resource.RUSAGE_SELF,
                                                                                        resource.RUSAGE_CHILDREN)))
     start, start_cpu = time.time(), cpu_seconds()
-    run_command("prepare.py", f"--input_dir={input_dir}", f"--data_dir={data_dir}", f"--codec={codec_name}",
-                f"--workers={workers}")
+    run_command("prepare.py", f"--input_dir={input_dir}", f"--data_dir={data_dir}", f"--codec={codec_name}")
     return time.time() - start, cpu_seconds() - start_cpu
 
 
@@ -873,12 +865,11 @@ def main(argv):
     parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
     parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
     parser.add_argument("--repeats", type=int, default=1, help="prepare: runs of raw encode and prepare, in turn")
-    parser.add_argument("--workers", type=int, default=1, help="prepare: also run prepare with this many worker processes")
     parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to compile)")
     parser.add_argument("--batch_size", type=int, default=None, help="train: batch size (default 2 on CPU, 16 on CUDA)")
     args = parser.parse_intermixed_args(argv)   # (codec: options, then the files)
     if args.what in ("prepare", "all"):
-        bench_prepare(args.corpus, args.minutes, args.long_minutes, args.codec, args.repeats, args.workers)
+        bench_prepare(args.corpus, args.minutes, args.long_minutes, args.codec, args.repeats)
     if args.what in ("train", "all"):
         bench_train(args.compile, args.batch_size)
     if args.what in ("sample", "all"):
