@@ -2,8 +2,7 @@
 Turn a folder of music into the token files that train.py reads:
 
     python prepare.py [config.py] [--input_dir=data/wavs] [--data_dir=data/tokens] [--codec=untrained]
-    python prepare.py --workers=4 ...                         # 4 processes on one machine
-    torchrun --standalone --nproc_per_node=8 prepare.py ...   # one process per GPU (or CPU share)
+    torchrun --standalone --nproc_per_node=4 prepare.py ...   # 4 processes: one per GPU, or a share of the cores
 
 Every audio file under input_dir (wav, flac, ogg, mp3; any sample rate, any channels) is mixed to
 mono, resampled to 24 kHz and encoded by the codec (None = the pretrained encodec_24khz) into 8
@@ -23,28 +22,24 @@ stopped, and a moved or renamed corpus is not encoded again. A file that cannot 
 when it could block (a named pipe); the rest is still prepared. With the default input_dir and no
 audio in it, a synthetic demo corpus is written there first.
 
-Several processes (--workers=N, or torchrun) share out the files to encode, each into the cache;
-then one process (the first) writes train.bin, val.bin and meta.json from the cache, so the
-result is byte for byte that of one process (the codec's codes do not depend on the thread count).
+Several processes are torchrun's (on one machine or several): they share out the files to encode,
+each into the cache; then one process (rank 0) writes train.bin, val.bin and meta.json from the
+cache, so the result is byte for byte that of one process (the codec's codes do not depend on the
+thread count). On a CPU one process already uses every core: see docs/speed.md before adding more.
 """
 from nanosuno.common import passive_openmp, require_dependencies
 
 passive_openmp()  # before torch is imported: the loader thread needs CPU time (see nanosuno/common.py)
 require_dependencies()  # one line, not a traceback, when torch and torchaudio do not load together
 
-import ctypes
 import errno
 import hashlib
 import io
 import math
-import multiprocessing
 import os
 import queue
-import signal
-import sys
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -69,11 +64,10 @@ def main(argv):
     cfg = load_config(argv)
     if "RANK" not in os.environ:  # not started by torchrun
         return prepare(cfg)
-    if cfg.workers > 1:
-        raise UserError("--workers is for one machine without torchrun; under torchrun every process is "
-                        "a worker: use --nproc_per_node instead")
     rank = int(os.environ["RANK"])
-    torch.set_num_threads(threads_per_process(int(os.environ["LOCAL_WORLD_SIZE"])))
+    # an equal share of this machine's cores for each of its processes
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
     # gloo, even between GPUs: only the plan, the codec's weights and the reports travel between processes
     dist.init_process_group("gloo")
     try:
@@ -96,12 +90,11 @@ def prepare(cfg):
 
 
 def prepare_tokens(cfg, paths, skipped):
-    """Encode the files not cached yet (here, in worker processes, or across torchrun's processes),
-    write the token files and report."""
+    """Encode the files not cached yet (here, or across torchrun's processes), write the token files
+    and report."""
     found = len(paths)
     device = process_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device="cpu" if cfg.workers > 1 else device,
-                       fit=lambda: fit_codec(cfg, paths))
+    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device=device, fit=lambda: fit_codec(cfg, paths))
     cache_dir = os.path.join(cfg.data_dir, "cache")
     with writing(cache_dir):
         os.makedirs(cache_dir, exist_ok=True)
@@ -109,13 +102,13 @@ def prepare_tokens(cfg, paths, skipped):
     cache, stamps = cache_files(cache_dir, paths, codec, skipped)
     paths = [path for path in paths if path in cache]
     todo = [path for path in paths if not cached_codes_ok(cache[path], codec)]
-    processes = int(os.environ.get("WORLD_SIZE", cfg.workers))
+    processes = int(os.environ.get("WORLD_SIZE", 1))
     print(f"preparing {len(paths)} audio file(s) from {cfg.input_dir} with codec {codec.name} "
           f"into {cfg.data_dir}: {len(todo)} to encode, {len(paths) - len(todo)} cached"
           + (f", {processes} processes" if processes > 1 else ""))
 
     start = time.time()
-    progress = encode(todo, codec, cache, stamps, device, processes)
+    progress = encode(todo, codec, cache, stamps, processes)
     elapsed = time.time() - start
     skipped += progress.skipped
 
@@ -183,21 +176,19 @@ def fit_codec(cfg, paths):
     return codec
 
 
-def encode(todo, codec, cache, stamps, device, processes):
-    """Encode the files in todo into their cache files: here, in worker processes (--workers) or
-    across torchrun's processes, each a share of about equal length. Returns the Progress, which
-    holds what the encoding found (files skipped, silent files, seconds encoded)."""
+def encode(todo, codec, cache, stamps, processes):
+    """Encode the files in todo into their cache files: here, or across torchrun's `processes`, each
+    a share of about equal length. Returns the Progress, which holds what the encoding found (files
+    skipped, silent files, seconds encoded)."""
     seconds = {path: audio_seconds(path) for path in todo}
     shares = deal(todo, seconds, processes)
     total = sum(seconds.values())
     # under torchrun this process sees only its own share: the bar shows it scaled up to the whole
-    own = sum(seconds[path] for path in shares[0]) if "RANK" in os.environ else total
+    own = sum(seconds[path] for path in shares[0])
     progress = Progress(total, scale=total / own if own else 1.0, show=bool(todo))
     try:
         if "RANK" in os.environ:
             encode_across_ranks(shares, codec, cache, stamps, progress)
-        elif processes > 1:
-            encode_in_workers(shares, codec, cache, stamps, device, progress)
         else:
             encode_files(shares[0], codec, cache, stamps, progress)
     finally:  # the bar ends before an error's line, not after it
@@ -236,12 +227,6 @@ def process_device(setting, index):
     visible); otherwise the one pick_device picks."""
     device = pick_device(setting)
     return f"cuda:{index % torch.cuda.device_count()}" if device == "cuda" else device
-
-
-def threads_per_process(processes):
-    """An equal share of this machine's cores for each of `processes` encoding side by side."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // processes)
 
 
 def cache_files(cache_dir, paths, codec, skipped):
@@ -329,9 +314,9 @@ def deal(paths, seconds, processes):
 
 
 class Progress:
-    """The progress bar over the audio-seconds to encode, and what the encoding processes report
-    (see encode_files): files skipped, silent files, seconds encoded. This process's own reads count
-    `scale` times (under torchrun: rank 0's share stands for the whole)."""
+    """The progress bar over the audio-seconds to encode, and what the encoding reports (see
+    encode_files; under torchrun, every rank's): files skipped, silent files, seconds encoded. This
+    process's own reads count `scale` times (under torchrun: rank 0's share stands for the whole)."""
 
     def __init__(self, total, scale=1.0, show=True):
         self.bar = tqdm(total=math.ceil(total), unit=" audio-s", unit_scale=False, smoothing=0.1, disable=not show,
@@ -411,84 +396,6 @@ def encode_files(paths, codec, cache, stamps, report):
             report("silent", (path, peak))
         save_codes(cache[path], codes)
         report("encoded", samples / codec.sample_rate)
-
-
-def encode_in_workers(shares, codec, cache, stamps, device, progress):
-    """Encode each share in its own process on one machine (--workers), each with a share of the
-    cores (or its own GPU), all reporting to this process's progress through a queue."""
-    shares = [share for share in shares if share]  # --workers above the number of files: no idle workers
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
-    events = context.Queue()
-    weights = codec.weights()
-    threads = threads_per_process(len(shares))
-    workers = [context.Process(target=encode_worker, daemon=True,
-                               args=(share, codec.name, weights, cache, stamps, process_device(device, i), threads, events))
-               for i, share in enumerate(shares)]
-    try:
-        for worker in workers:
-            worker.start()
-        running = len(workers)
-        while running:
-            try:
-                event, value = events.get(timeout=1.0)
-            except queue.Empty:
-                for worker in workers:
-                    if worker.exitcode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-                        raise UserError(f"a prepare worker was killed (SIGKILL, most likely for want of memory): "
-                                        f"run prepare.py again with fewer --workers (this run had {len(workers)}); "
-                                        f"it goes on from the cache")
-                    if worker.exitcode not in (None, 0):
-                        raise RuntimeError(f"a prepare worker process died (exit code {worker.exitcode}); run "
-                                           f"prepare.py again to go on from the cache")
-                continue
-            if event == "error":  # a UserError in the worker (a full disk...): its one line
-                raise UserError(value)
-            if event == "failed":
-                raise RuntimeError(f"a prepare worker failed:\n{value}")
-            if event == "done":
-                running -= 1
-            else:
-                progress(event, value)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
-
-
-def encode_worker(paths, codec_name, weights, cache, stamps, device, threads, events):
-    """One --workers process: encode `paths`, sending encode_files' reports, then "done" (or "error"
-    with a UserError's line, or "failed" with a traceback)."""
-    end_with_parent()
-    torch.set_num_threads(threads)
-    try:
-        codec = codec_from_weights(codec_name, weights, device)
-        encode_files(paths, codec, cache, stamps, lambda event, value: events.put((event, value)))
-        events.put(("done", None))
-    except KeyboardInterrupt:  # Ctrl-C reaches every process: the main one reports it
-        pass
-    except UserError as e:
-        events.put(("error", str(e)))
-    except BaseException:
-        events.put(("failed", traceback.format_exc()))
-
-
-def end_with_parent():
-    """Make this worker process end when prepare.py does, however that ends: killed, prepare.py
-    cannot stop its workers, and they would go on encoding into the cache without data_dir's lock.
-    On Linux the kernel kills the worker with its parent (PR_SET_PDEATHSIG); elsewhere a thread
-    ends it within a second of its parent's end (it then has another parent)."""
-    parent = multiprocessing.parent_process().pid
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    else:
-        def watch():
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # the parent ended before this process asked to end with it
-        os._exit(1)
 
 
 def encode_across_ranks(shares, codec, cache, stamps, progress):

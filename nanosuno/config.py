@@ -52,8 +52,6 @@ class Config(_ModelSettings):
     # "folders": a file's style is the name of its first-level folder under input_dir (files directly
     # in input_dir have none); "none": no styles, the model is unconditional
     styles: str = "folders"
-    workers: int = 1                    # prepare: processes encoding side by side on one machine, 1..64
-                                        # (each gets a share of the cores, or a GPU); or use torchrun
     # --- codec ------------------------------------------------------------------------------
     # prepare.py: None = "encodec_24khz" (pretrained; an error when its weights cannot be had);
     # "spectral" = a codec fitted on the corpus's train split, no download, lo-fi; "untrained" =
@@ -129,7 +127,6 @@ RULES = {
     "prompt": ("None or a file name", lambda v: v != ""),
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "styles": ("'folders' (a file's first folder under input_dir) or 'none'", lambda v: v in ("folders", "none")),
-    "workers": ("in 1..64", lambda v: 1 <= v <= 64),
     "codec": ("None or one of " + ", ".join(CODEC_NAMES), lambda v: v is None or v in CODEC_NAMES),
     **{key: rule for key, rule in GPTConfig.RULES.items() if key in MODEL_SETTINGS},
     "init_from": ("'scratch', 'resume' or the path of a checkpoint to fine-tune", lambda v: v != ""),

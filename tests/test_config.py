@@ -136,7 +136,6 @@ def test_help_lists_every_setting(capsys):
     ("--min_lr=0.1", r"min_lr \(0.1\) must not exceed learning_rate \(0.002\)"),
     ("--val_fraction=1.5", r"setting 'val_fraction' must be in \[0, 1\), got 1.5"),
     ("--init_from=", "setting 'init_from' must be 'scratch', 'resume' or the path of a checkpoint to fine-tune, got ''"),
-    ("--workers=0", r"setting 'workers' must be in 1..64, got 0"),
     ("--device=gpu", "setting 'device' must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
     ("--dtype=float8", "setting 'dtype' must be auto, float32, bfloat16 or float16, got 'float8'"),
     ("--decode_dtype=int4", "setting 'decode_dtype' must be auto, float32, bfloat16 or int8, got 'int4'"),

@@ -1,11 +1,9 @@
 """prepare.py and what it stands on (audio I/O, the demo corpus, the train/val split): mixed formats,
 bad input, the token files against meta.json, repeatability, the per-file cache. CPU, no network,
 the untrained codec, audio synthesised here."""
-import contextlib
 import functools
 import json
 import math
-import multiprocessing
 import os
 import re
 import resource
@@ -13,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 
 import numpy as np
@@ -220,7 +217,7 @@ def styled_corpus(folder):
     return folder
 
 
-def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, capsys):
+def test_torchrun_prepare_gives_the_bytes_of_one_process_and_resumes_from_the_cache(tmp_path, capsys):
     corpus = styled_corpus(tmp_path / "wavs")
     run(capsys, corpus, tmp_path / "one")
     assert read_meta(tmp_path / "one")["styles"] == [{"name": "calm", "frames": 75}]
@@ -229,108 +226,23 @@ def test_two_workers_give_the_bytes_of_one_and_resume_from_the_cache(tmp_path, c
     done = sorted(os.listdir(tmp_path / "one" / "cache"))[0]
     shutil.copy2(tmp_path / "one" / "cache" / done, tmp_path / "two" / "cache" / done)
     stamp = os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns
-    out = run(capsys, corpus, tmp_path / "two", "--workers=2")
-    assert "4 to encode, 1 cached, 2 processes" in out  # broken.wav is tried again
-    assert "skipped 1: broken.wav: not a readable audio file" in out
+    result = run_torchrun(["--nproc_per_node=2", "prepare.py", f"--input_dir={corpus}",
+                           f"--data_dir={tmp_path / 'two'}", "--codec=untrained"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 to encode, 1 cached, 2 processes" in result.stdout  # broken.wav is tried again
+    assert "prepared 4 file(s)" in result.stdout
+    assert "skipped 1: broken.wav: not a readable audio file" in result.stdout
     assert os.stat(tmp_path / "two" / "cache" / done).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path / "two" / "cache")) == sorted(os.listdir(tmp_path / "one" / "cache"))
     assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
 
 
-def test_workers_above_the_number_of_files_start_no_idle_processes(tmp_path, capsys, monkeypatch):
-    started = []
-    original = multiprocessing.context.SpawnProcess.start
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start",
-                        lambda self: started.append(self) or original(self))
-    corpus = tmp_path / "wavs"
-    os.makedirs(corpus)
-    for i in range(2):
-        sf.write(corpus / f"{i}.wav", music(1.0, 24000, index=i), 24000)
-    assert "prepared 2 file(s)" in run(capsys, corpus, tmp_path / "tokens", "--workers=4")
-    assert len(started) == 2
-
-
-def children(pid):
-    """The pids of process pid's --workers processes."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-            cmdline = open(f"/proc/{entry}/cmdline").read()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def alive(pid):
-    """True while process pid runs (a zombie, perhaps never reaped in a container, runs nothing)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def prepare_with_two_workers_encoding(tmp_path):
-    """A prepare.py --workers=2 process whose two workers are encoding (minutes of audio each), with
-    the pids of the workers and the file that collects its stderr; whatever is left is killed after."""
-    corpus = tmp_path / "wavs"
-    os.makedirs(corpus)
-    t = np.arange(240 * 24000) / 24000
-    for i in range(2):
-        sf.write(corpus / f"{i}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t), 24000)
-    stderr = tmp_path / "stderr.txt"
-    with open(stderr, "w") as err:
-        process = subprocess.Popen([sys.executable, "prepare.py", f"--input_dir={corpus}", "--codec=untrained",
-                                    f"--data_dir={tmp_path / 'tokens'}", "--workers=2"], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=err)
-    workers = []
-    try:
-        deadline = time.monotonic() + 120
-        # the progress bar counts audio read by the workers: then both are encoding
-        while not re.search(r"\b[1-9]\d*/\d+ audio-s", stderr.read_text()) or len(workers) < 2:
-            assert process.poll() is None and time.monotonic() < deadline, stderr.read_text()[-2000:]
-            workers = children(process.pid)
-            time.sleep(0.2)
-        yield process, workers, stderr
-    finally:
-        for pid in [process.pid, *workers]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
-def test_killing_prepare_ends_its_workers(tmp_path):
-    with prepare_with_two_workers_encoding(tmp_path) as (process, workers, _):
-        process.kill()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(pid) for pid in workers)   # none goes on writing into the cache without the lock
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
-def test_a_worker_killed_for_memory_is_one_line(tmp_path):
-    with prepare_with_two_workers_encoding(tmp_path) as (process, workers, stderr):
-        os.kill(workers[0], signal.SIGKILL)   # as the kernel's out-of-memory killer does
-        assert process.wait(timeout=60) == 2
-    lines = stderr.read_text().splitlines()
-    assert "Traceback" not in stderr.read_text()
-    assert lines[-1] == ("error: a prepare worker was killed (SIGKILL, most likely for want of memory): run "
-                         "prepare.py again with fewer --workers (this run had 2); it goes on from the cache")
-
-
-def test_torchrun_prepare_gives_the_bytes_of_one_process(tmp_path, capsys):
-    corpus = styled_corpus(tmp_path / "wavs")
-    run(capsys, corpus, tmp_path / "one")
-    result = run_torchrun(["--nproc_per_node=2", "prepare.py", f"--input_dir={corpus}",
-                           f"--data_dir={tmp_path / 'two'}", "--codec=untrained"], cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "5 to encode, 0 cached, 2 processes" in result.stdout and "prepared 4 file(s)" in result.stdout
-    assert read_bytes(tmp_path / "two") == read_bytes(tmp_path / "one")
+def test_workers_is_no_setting_torchrun_spreads_the_encoding(tmp_path, capsys):
+    """--workers (processes on one machine, slower than one process on 2 cores: docs/speed.md) is
+    gone: it is refused in one line like any unknown setting, before anything is read or written."""
+    with pytest.raises(UserError, match=r"^unknown setting 'workers'; valid settings: ") as error:
+        run(capsys, make_corpus(tmp_path / "wavs"), tmp_path / "tokens", "--workers=2")
+    assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "tokens")
 
 
 def test_bad_input_is_reported_and_skipped(tmp_path, capsys, monkeypatch):
