@@ -356,11 +356,11 @@ def _time_train_iters(model, optimizer, device, dtype, batch_size, iters, warmup
     """Seconds per training iteration: train.py's train_step (forward, backward, clip, AdamW step),
     one batch of random codes per step."""
     import torch
-    from nanosuno.hardware import autocast
-    from nanosuno.hardware import device_type
+    from nanosuno.hardware import autocast, device_type
     from nanosuno.optim import train_step
-    cfg = model.config if not hasattr(model, "_orig_mod") else model._orig_mod.config
-    codes = torch.randint(0, cfg.codebook_size + 1, (batch_size, cfg.n_codebooks, cfg.block_size + 1), device=device)
+    config = model.config if not hasattr(model, "_orig_mod") else model._orig_mod.config
+    codes = torch.randint(0, config.codebook_size + 1, (batch_size, config.n_codebooks, config.block_size + 1),
+                          device=device)
     x, y = codes[:, :, :-1], codes[:, :, 1:]
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == torch.float16)
     ctx = autocast(device, dtype)
@@ -567,7 +567,7 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
           f"{K} codebooks), styles {', '.join(names)}; {num_samples} x {seconds:g} s per style and row; "
           f"{_cpu_name()}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     with torch.no_grad():
-        labelled, unlabelled = (sum(split_losses(model, data_dir, meta, K, styles)) / K for styles in (names, None))
+        labelled, unlabelled = (sum(split_losses(model, data_dir, meta, K, style_names)) / K for style_names in (names, None))
     print(f"val CE (whole val split, mean of codebooks): {labelled:.4f} with each file's style, {unlabelled:.4f} "
           f"as \"no style\": the label is worth {unlabelled - labelled:.4f} nats per token")
     print(f"{'':26}" + "".join(f"{'KL to ' + name:>16}" for name in names) + f"{'margin':>9}")
@@ -588,7 +588,7 @@ def bench_steer(data_dir, out_dir, seconds=10.0, num_samples=8, coefs=(1.0, 3.0,
     speed = {}
     for cfg_coef in coefs:
         clock = StepClock()
-        codes = generate(model, frames, num_samples=num_samples, styles=list(range(len(names))),
+        codes = generate(model, frames, num_samples=num_samples, style_ids=list(range(len(names))),
                          cfg_coef=None if cfg_coef == 1 else cfg_coef, progress=clock, **sampling)
         speed[cfg_coef] = clock.steps_per_second()
         for i, name in enumerate(names):   # the pieces come style by style

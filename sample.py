@@ -185,10 +185,10 @@ def make_loops(cfg, decoder, codec, frames, prompt, style_ids, cfg_coef, labels)
     codes, the labels, the model steps taken and each loop's audio (decode_loop: measured, then written)."""
     codes, new_labels, steps, waveforms = [], [], 0, []
     for i, label in enumerate(labels):
-        style = style_ids[i // cfg.num_samples] if style_ids else None
+        style_id = style_ids[i // cfg.num_samples] if style_ids else None
         loop, seam = generate_loop(decoder, frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + 1000 * i,
-                                   cfg.context_stride, style, cfg_coef)
-        inside = frame_cross_entropy(decoder.model, loop, loop_bridge(frames), style)
+                                   cfg.context_stride, style_id, cfg_coef)
+        inside = frame_cross_entropy(decoder.model, loop, loop_bridge(frames), style_id)
         waveforms.append(decode_loop(codec, loop))
         flux, p95 = seam_flux(waveforms[-1])
         measures = (f"seam: model {seam:.2f} nats vs {inside:.2f} inside; spectral flux {flux:.0f} vs 95th "
@@ -247,13 +247,13 @@ def main(argv):
                        cfg.context_stride, cfg.cfg_coef)
     except ValueError as e:   # (the config checked each setting's range: here, top_k against the codebook)
         raise UserError(str(e)) from None
-    styles = pick_styles(cfg, ckpt)    # names, or None: unconditional
-    style_ids = [ckpt["styles"].index(name) for name in styles] if styles else None
+    style_names = pick_styles(cfg, ckpt)    # or None: unconditional
+    style_ids = [ckpt["styles"].index(name) for name in style_names] if style_names else None
     # cfg_coef 1 is plain conditional sampling: the same codes without the unconditional stream
     # (tests/test_sample.py holds the two equal), so it runs at half the cost
-    cfg_coef = cfg.cfg_coef if styles and cfg.cfg_coef != 1 else None
-    labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in styles for _ in range(cfg.num_samples)] \
-        if styles else ["no style (unconditional)"] * cfg.num_samples
+    cfg_coef = cfg.cfg_coef if style_names and cfg.cfg_coef != 1 else None
+    labels = [f"style {name}, cfg_coef {cfg.cfg_coef:g}" for name in style_names for _ in range(cfg.num_samples)] \
+        if style_names else ["no style (unconditional)"] * cfg.num_samples
     if cfg.bpm and not cfg.loop_seconds:
         raise UserError("bpm snaps a loop's length to whole beats: give loop_seconds too")
     new_frames = loop_frames(cfg, ckpt["codec"]["frame_rate"], block_size, K) if cfg.loop_seconds else \
@@ -276,7 +276,7 @@ def main(argv):
         else:
             with StepsBar(len(labels) / codec.frame_rate) as bar:  # all samples in one batch
                 codes = generate(decoder, new_frames, prompt, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples,
-                                 cfg.seed, cfg.context_stride, progress=bar, styles=style_ids, cfg_coef=cfg_coef)
+                                 cfg.seed, cfg.context_stride, progress=bar, style_ids=style_ids, cfg_coef=cfg_coef)
             steps, waveforms = bar.total, None   # (decoded as they are written)
             codes = codes if cfg.keep_prompt else codes[:, :, -new_frames:]
         t1 = time.perf_counter()
@@ -290,8 +290,8 @@ def main(argv):
                                    + (f", {cfg.bpm:g} bpm" if cfg.bpm else "") if cfg.loop_seconds else cfg.seconds,
                         "prompt": prompt_note, "keep_prompt": cfg.keep_prompt, "temperature": cfg.temperature,
                         "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "num_samples": cfg.num_samples,
-                        "style": ", ".join(styles) if styles else "none (unconditional)",
-                        "cfg_coef": cfg.cfg_coef if styles else "-",
+                        "style": ", ".join(style_names) if style_names else "none (unconditional)",
+                        "cfg_coef": cfg.cfg_coef if style_names else "-",
                         "context": f"{block_size / codec.frame_rate:.1f} s, stride {cfg.context_stride}",
                         "device": f"{device}, {decode_dtype}", "written": time.strftime("%Y-%m-%d %H:%M:%S")}
             reference = write_reference(folder, ckpt, codec)

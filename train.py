@@ -76,7 +76,7 @@ class Data:
     """What training reads from data_dir."""
     meta: dict                   # meta.json
     codec: dict                  # the codec's info (codec_info) at n_codebooks
-    styles: list                 # style names: style id i is styles[i]
+    style_names: list            # the styles: style id i is style_names[i]
     codec_weights: dict | None   # the fitted spectral codec's weights; None for the other codecs
     train: Batches
     val: Batches                 # (false when the val split is empty: no validation)
@@ -187,7 +187,7 @@ def load_data(cfg, proc):
     # the yardstick: per codebook, the best simple baseline's val loss (prepare.py computed them)
     baseline = best_baseline(meta["baselines"], cfg.n_codebooks) if meta.get("baselines") else None
     reference = reference_excerpt(val or train, cfg.n_codebooks, round(REFERENCE_SECONDS * meta["frame_rate"]))
-    return Data(meta=meta, codec=codec_info(meta, cfg.n_codebooks), styles=style_names(meta),
+    return Data(meta=meta, codec=codec_info(meta, cfg.n_codebooks), style_names=style_names(meta),
                 codec_weights=read_codec_weights(cfg.data_dir, meta), train=train, val=val, baseline=baseline,
                 reference=reference)
 
@@ -260,11 +260,11 @@ def check_start_fits_data(cfg, data, ckpt):
     # style id i is row i of the checkpoint's style table: another corpus's styles would get
     # another style's row (or none), so resuming and fine-tuning both need the same style names
     learned = ckpt.get("styles", [])   # (absent before styles existed)
-    if learned != data.styles:
+    if learned != data.style_names:
         fix = (f"prepare {cfg.data_dir} with --styles=none" if not learned else
                f"prepare {cfg.data_dir} from audio sorted into the folders {', '.join(learned)}")
         raise UserError(f"cannot {'resume' if resume else 'fine-tune'} {source}: it learned the styles "
-                        f"{learned} but {cfg.data_dir} has {data.styles}; {fix}, or train from scratch")
+                        f"{learned} but {cfg.data_dir} has {data.style_names}; {fix}, or train from scratch")
 
 
 def resumed_state(cfg, ckpt):
@@ -285,7 +285,7 @@ def build_model(cfg, proc, data, ckpt):
     """The model on its device, new or with the weights of the checkpoint it starts from, and its optimizer."""
     # the model's shape: its settings, and the codebook size and number of styles of the data
     model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
-    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.styles))
+    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.style_names))
     model = GPT(GPTConfig(**model_args))
     if ckpt:
         load_weights(model, ckpt)
@@ -406,8 +406,8 @@ def print_banner(cfg, proc, data, raw_model, use_compile):
           f"{proc.world} process(es)")
     print(f"data: {meta['splits']['train']['frames']:,} train frames, {meta['splits']['val']['frames']:,} val "
           f"frames ({meta['codec']}); {steps_per_iter(cfg):,} steps x {cfg.n_codebooks} codebooks per iteration; "
-          + (f"styles {', '.join(data.styles)} (labels dropped at random: cfg_dropout {cfg.cfg_dropout})"
-             if data.styles else "no styles"))
+          + (f"styles {', '.join(data.style_names)} (labels dropped at random: cfg_dropout {cfg.cfg_dropout})"
+             if data.style_names else "no styles"))
 
 
 def append_log(log_path, record):
@@ -447,7 +447,7 @@ def save_checkpoints(cfg, data, raw_model, optimizer, state, val, rng):
             f"training diverged at iteration {state.iter_num}: the weights hold NaN or inf, so nothing was "
             f"saved ({checkpoint_path(cfg.out_dir)} keeps the best model so far, val {state.best_val_loss:.4f}); "
             f"lower --learning_rate and --muon_lr, or raise --warmup_iters")
-    ckpt = make_checkpoint(raw_model, data.codec, state.iter_num, val, state.best_val_loss, cfg, data.styles,
+    ckpt = make_checkpoint(raw_model, data.codec, state.iter_num, val, state.best_val_loss, cfg, data.style_names,
                            state.train_seconds(), data.meta.get("baselines"), state.finetuned_from, data.reference,
                            data.codec_weights)
     # last.pt at every evaluation: what resume continues from

@@ -94,7 +94,7 @@ class Codec:
 
     def weights(self):
         """The model's weights on the CPU, what codec_from_weights rebuilds this codec from (in
-        another process: prepare's workers and torchrun ranks)."""
+        another process: prepare.py's torchrun ranks)."""
         return {k: v.cpu() for k, v in self.model.state_dict().items()}
 
     def encode(self, waveform):

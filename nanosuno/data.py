@@ -227,7 +227,7 @@ class Batches:
         names = style_names(meta)
         self.n_styles = len(names)
         ids = {name: i for i, name in enumerate(names)}
-        self.styles = torch.tensor([ids.get(f["style"], self.n_styles) for f in self.files], dtype=torch.long)
+        self.style_ids = torch.tensor([ids.get(f["style"], self.n_styles) for f in self.files], dtype=torch.long)
         self.n_codebooks, self.special = n_codebooks, meta["codebook_size"]
         self.steps = block_size + 1
         self.starts = torch.tensor([max(1, f["frames"] - self.steps + 1) for f in self.files], dtype=torch.float64)
@@ -237,7 +237,7 @@ class Batches:
         return self.tokens is not None
 
     def sample(self, batch_size, device="cpu", style_dropout=0.0):
-        """-> inputs, targets: (B, K, block_size) int64 codes in the delayed layout, and styles: (B,)
+        """-> inputs, targets: (B, K, block_size) int64 codes in the delayed layout, and style_ids: (B,)
         the style id of each window, replaced by "no style" with probability style_dropout (a corpus
         without styles draws nothing for it: its batches are exactly those of a run without it)."""
         g = self.generator
@@ -250,14 +250,14 @@ class Batches:
             crops[b, :n] = self.tokens[start:start + n, :self.n_codebooks]
         codes = torch.from_numpy(crops).transpose(1, 2)                  # (B, K, steps) frames
         window = delay_interleave(codes, self.special)[:, :, :self.steps]  # (B, K, steps) delayed
-        styles = self.styles[which]
+        style_ids = self.style_ids[which]
         if self.n_styles and style_dropout:
-            styles = styles.masked_fill(torch.rand(batch_size, generator=g) < style_dropout, self.n_styles)
+            style_ids = style_ids.masked_fill(torch.rand(batch_size, generator=g) < style_dropout, self.n_styles)
         if device_type(device) == "cuda":  # pinned memory lets the copy overlap with compute
             window = window.pin_memory().to(device, non_blocking=True)
         else:
             window = window.to(device)
-        return window[:, :, :-1], window[:, :, 1:], styles.to(device)
+        return window[:, :, :-1], window[:, :, 1:], style_ids.to(device)
 
 
 def windows(data_dir, meta, n_codebooks, length, split="val"):

@@ -113,27 +113,27 @@ class Decoder:
     def new_cache(self, batch_size, max_len=None):
         return new_cache(self.model, batch_size, max_len)
 
-    def prefill(self, codes, cache, styles=None):
+    def prefill(self, codes, cache, style_ids=None):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
-        return self.model.prefill(codes, cache, styles)
+        return self.model.prefill(codes, cache, style_ids)
 
-    def step(self, codes, cache, styles=None):
+    def step(self, codes, cache, style_ids=None):
         """One step (B, K) -> logits (B, K, V) for the step after it, at the cache's length
-        (styles: see GPT.add_style)."""
+        (style_ids: see GPT.add_style)."""
         self.model.check_fits(cache.length, 1)
-        logits = self.step_logits(codes, cache.kv, cache.length, styles)
+        logits = self.step_logits(codes, cache.kv, cache.length, style_ids)
         cache.advance(1)
         return logits
 
-    def step_function(self, cache, styles=None):
+    def step_function(self, cache, style_ids=None):
         """The step that generation calls for this cache, (codes, cache) -> logits: on CUDA one
         captured graph instead of ~100 kernel launches (CUDAGraphStep), elsewhere step."""
         if self.device.type == "cuda":
-            return CUDAGraphStep(self, cache, styles)
-        return lambda codes, cache: self.step(codes, cache, styles)
+            return CUDAGraphStep(self, cache, style_ids)
+        return lambda codes, cache: self.step(codes, cache, style_ids)
 
     @torch.no_grad()
-    def step_logits(self, codes, kv_cache, t, styles=None):
+    def step_logits(self, codes, kv_cache, t, style_ids=None):
         """step's work: the step `codes` (B, K) at position t, its keys and values written into the
         cache; returns the logits (B, K, V). t is a Python int (attend over the t + 1 steps filled so
         far), or a 1-element device tensor (what a CUDA graph replays, see CUDAGraphStep: shapes are
@@ -145,7 +145,7 @@ class Decoder:
         # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
         x = F.embedding_bag(codes + model.code_offsets[0, :, 0], model.wte.weight, mode="sum")
         x = x + (model.wpe.weight.index_select(0, t) if at_tensor else model.wpe.weight[t])      # (B, C)
-        x = model.add_style(x, styles)
+        x = model.add_style(x, style_ids)
         if at_tensor:
             visible = (torch.arange(kv_cache[0].shape[3], device=t.device) <= t).view(1, -1)  # (query, keys)
         for w, kv in zip(self.layers, kv_cache):
@@ -176,14 +176,14 @@ class CUDAGraphStep:
     replays fixed shapes: the position is a device tensor, and each step attends over the whole
     cache with the steps beyond it masked (Decoder.step_logits). Replays read and write the cache's
     tensors in place, so prefills and window slides between steps need nothing from the graph.
-    Build it on an empty cache (warming up writes a step at position 0), with the styles every step
+    Build it on an empty cache (warming up writes a step at position 0), with the style ids every step
     will use (see GPT.add_style)."""
 
-    def __init__(self, decoder, cache, styles=None):
+    def __init__(self, decoder, cache, style_ids=None):
         if cache.length:
             raise ValueError("CUDAGraphStep warms up at position 0: build it before filling the cache")
         B, device = cache.kv[0].shape[1], cache.kv[0].device
-        self.decoder, self.styles = decoder, styles     # the graph reads the styles from this tensor
+        self.decoder, self.style_ids = decoder, style_ids     # the graph reads the style_ids from this tensor
         self.codes = torch.zeros(B, decoder.config.n_codebooks, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         # warm up on a side stream before capturing (kernels choose their algorithms and workspaces)
@@ -191,14 +191,14 @@ class CUDAGraphStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                decoder.step_logits(self.codes, cache.kv, self.position, styles)
+                decoder.step_logits(self.codes, cache.kv, self.position, style_ids)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decoder.step_logits(self.codes, cache.kv, self.position, styles)
+            self.logits = decoder.step_logits(self.codes, cache.kv, self.position, style_ids)
 
     def __call__(self, codes, cache):
-        """decoder.step(codes, cache, styles). The logits returned are the graph's output buffer: the
+        """decoder.step(codes, cache, style_ids). The logits returned are the graph's output buffer: the
         next step overwrites them."""
         self.decoder.model.check_fits(cache.length, 1)
         self.codes.copy_(codes)

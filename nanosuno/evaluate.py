@@ -37,9 +37,9 @@ def estimate_losses(model, splits, eval_iters, batch_size, seed, device, ctx):
         batches.generator.manual_seed(seed)
         per_codebook = torch.zeros(model.config.n_codebooks)
         for _ in range(eval_iters):
-            x, y, styles = batches.sample(batch_size, device)   # labels kept: the conditional loss
+            x, y, style_ids = batches.sample(batch_size, device)   # labels kept: the conditional loss
             with ctx:
-                logits, _ = model(x, styles=styles)
+                logits, _ = model(x, style_ids=style_ids)
             per_codebook += codebook_losses(logits, y, model.config.codebook_size).float().cpu()
         batches.generator.set_state(saved)
         per_codebook /= eval_iters
@@ -49,17 +49,17 @@ def estimate_losses(model, splits, eval_iters, batch_size, seed, device, ctx):
 
 
 @torch.no_grad()
-def split_losses(model, data_dir, meta, n_codebooks, styles=None, split="val"):
+def split_losses(model, data_dir, meta, n_codebooks, style_names=None, split="val"):
     """Cross-entropy per codebook over the WHOLE split: every file cut into consecutive windows of
-    block_size + 1 frames (the last one shorter), each laid out as in training. styles: the model's
-    style names, to give each window its file's style (None: "no style")."""
+    block_size + 1 frames (the last one shorter), each laid out as in training. style_names: the model's
+    styles, to give each window its file's style (None: "no style")."""
     special, K = meta["codebook_size"], n_codebooks
     total, count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
     model.eval()
     for f, window in windows(data_dir, meta, K, model.config.block_size + 1, split):
         window = window[None]                                             # (1, K, n)
-        style = torch.tensor([styles.index(f["style"])]) if styles and f.get("style") in styles else None
-        logits, _ = model(window[:, :, :-1], styles=style)
+        style_id = torch.tensor([style_names.index(f["style"])]) if style_names and f.get("style") in style_names else None
+        logits, _ = model(window[:, :, :-1], style_ids=style_id)
         targets = window[:, :, 1:]
         real = (targets != special).sum(-1).flatten().double()        # (K,) real targets per codebook
         losses = codebook_losses(logits, targets, special).double()
@@ -97,7 +97,7 @@ def decode_cross_entropy(decoder, windows, batch_size=16):
 
 
 @torch.no_grad()
-def frame_cross_entropy(model, codes, first, style=None):
+def frame_cross_entropy(model, codes, first, style_id=None):
     """The model's mean cross-entropy (nats per token) of frames first.. of `codes` (K, N), each given
     the frames before it, over every codebook: one forward over the delayed layout (N + K - 1 must fit
     in block_size). A loop's seam is scored by putting the loop's end before its beginning."""
@@ -107,7 +107,7 @@ def frame_cross_entropy(model, codes, first, style=None):
     targets = delayed[:, :, 1:].clone()
     frame_of = torch.arange(1, N + K - 1)[None, :] - torch.arange(K)[:, None]   # the frame each target is
     targets[0, frame_of.to(targets.device) < first] = special                   # only frames first.. count
-    logits, _ = model(delayed[:, :, :-1], styles=None if style is None else torch.tensor([style]))
+    logits, _ = model(delayed[:, :, :-1], style_ids=None if style_id is None else torch.tensor([style_id]))
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                              ignore_index=special, reduction="sum")
     return losses.item() / (targets != special).sum().item()

@@ -99,35 +99,35 @@ def context_keep_steps(block_size, context_stride, n_codebooks):
 def prompt_frames_used(model, prompt_frames, context_stride=0.25):
     """How many of a prompt's frames generate() continues: all, or the last ones that a slide of the
     window would keep (the model only ever looks back one context, and needs room to generate in)."""
-    cfg = model.config
-    return min(prompt_frames, context_keep_steps(cfg.block_size, context_stride, cfg.n_codebooks))
+    config = model.config
+    return min(prompt_frames, context_keep_steps(config.block_size, context_stride, config.n_codebooks))
 
 
-def check_request(model_config, new_frames, prompt, styles, cfg_coef):
+def check_request(model_config, new_frames, prompt, style_ids, cfg_coef):
     """Refuse what generate() cannot make of this model: its arguments besides the sampling settings."""
     K, n_styles = model_config.n_codebooks, model_config.n_styles
     if new_frames < 1:
         raise ValueError(f"new_frames must be at least 1, got {new_frames}")
     if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != K):
         raise ValueError(f"prompt must be codes (K={K}, frames), got {tuple(prompt.shape)}")
-    if styles is not None and not (styles and all(0 <= s < n_styles for s in styles)):
-        raise ValueError(f"styles must be ids in 0..{n_styles - 1} (the model's styles), got {styles}")
-    if cfg_coef is not None and styles is None:
-        raise ValueError("cfg_coef guides towards a style: give styles too")
+    if style_ids is not None and not (style_ids and all(0 <= s < n_styles for s in style_ids)):
+        raise ValueError(f"style_ids must be in 0..{n_styles - 1} (the model's styles), got {style_ids}")
+    if cfg_coef is not None and style_ids is None:
+        raise ValueError("cfg_coef guides towards a style: give style_ids too")
 
 
-def streams_styles(styles, num_samples, guided, n_styles, device):
+def stream_style_ids(style_ids, num_samples, guided, n_styles, device):
     """The style id of each of the model's streams (None: no styles): the pieces, num_samples per
     style, then (guided) each piece again as "no style" (id n_styles)."""
-    if styles is None:
+    if style_ids is None:
         return None
-    ids = torch.tensor(styles, device=device).repeat_interleave(num_samples)
+    ids = torch.tensor(style_ids, device=device).repeat_interleave(num_samples)
     return torch.cat([ids, torch.full_like(ids, n_styles)]) if guided else ids
 
 
 @torch.inference_mode()
 def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, num_samples=1,
-             seed=1337, context_stride=0.25, progress=None, styles=None, cfg_coef=None):
+             seed=1337, context_stride=0.25, progress=None, style_ids=None, cfg_coef=None):
     """Sample `num_samples` pieces (per style) of `new_frames` new frames in one batch.
 
     model        a GPT (run as it is), or a decode.Decoder of one (in its decode precision).
@@ -137,24 +137,24 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
     seed         same seed, same settings -> same codes (a private torch.Generator).
     context_stride  fraction of block_size dropped each time the window slides (see module doc).
     progress     optional tqdm-like object: .update(1) per model step; a tqdm bar is told the total.
-    styles       None: unconditional. A list of style ids of the model: num_samples pieces in each,
-                 style by style (the batch is len(styles) * num_samples pieces).
-    cfg_coef     None: plain conditional sampling. A number (with styles): classifier-free guidance
+    style_ids    None: unconditional. A list of the model's style ids: num_samples pieces in each,
+                 style by style (the batch is len(style_ids) * num_samples pieces).
+    cfg_coef     None: plain conditional sampling. A number (with style_ids): classifier-free guidance
                  with this coefficient, conditional and unconditional streams in one batch of twice
                  the pieces (see module doc).
     Returns un-delayed codes (pieces, K, prompt frames used + new_frames), never the special token.
     """
     decoder = model if isinstance(model, Decoder) else Decoder(model)
-    cfg = decoder.config
-    K, special, device = cfg.n_codebooks, cfg.codebook_size, decoder.device
+    config = decoder.config
+    K, special, device = config.n_codebooks, config.codebook_size, decoder.device
     check_sampling(special, temperature, top_k, top_p, num_samples, context_stride, cfg_coef=cfg_coef)
-    check_request(cfg, new_frames, prompt, styles, cfg_coef)
-    B, guided = num_samples * (1 if styles is None else len(styles)), cfg_coef is not None
-    stream_styles = streams_styles(styles, num_samples, guided, cfg.n_styles, device)
+    check_request(config, new_frames, prompt, style_ids, cfg_coef)
+    B, guided = num_samples * (1 if style_ids is None else len(style_ids)), cfg_coef is not None
+    stream_ids = stream_style_ids(style_ids, num_samples, guided, config.n_styles, device)
     both = (lambda codes: torch.cat([codes, codes])) if guided else (lambda codes: codes)
     streams = 2 * B if guided else B
     P = 0 if prompt is None else prompt_frames_used(model, prompt.shape[1], context_stride)
-    keep = context_keep_steps(cfg.block_size, context_stride, K)
+    keep = context_keep_steps(config.block_size, context_stride, K)
     steps = P + new_frames + K - 1
     generator = torch.Generator(device=device).manual_seed(seed)
     if hasattr(progress, "total"):  # a tqdm bar: show how many model steps are coming
@@ -177,12 +177,12 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
         return codes
 
     cache = decoder.new_cache(streams)
-    decode_step = decoder.step_function(cache, stream_styles)
+    decode_step = decoder.step_function(cache, stream_ids)
     if P:   # prefill the prompt steps (at most `keep`: they fit in the context with room to spare)
-        logits = decoder.prefill(both(window(0, P)), cache, stream_styles)
+        logits = decoder.prefill(both(window(0, P)), cache, stream_ids)
     else:   # from scratch: an all-special start step predicts frame 0, then is dropped
         start = torch.full((streams, K, 1), special, dtype=torch.long, device=device)
-        logits = decoder.prefill(start, cache, stream_styles)
+        logits = decoder.prefill(start, cache, stream_ids)
         cache.reset()
 
     for s in range(P, steps):
@@ -200,7 +200,7 @@ def generate(model, new_frames, prompt=None, temperature=1.0, top_k=250, top_p=0
             logits = decode_step(both(codes), cache)
         else:   # context full: slide the window, re-read the most recent `keep` steps
             cache.reset()
-            logits = decoder.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_styles)
+            logits = decoder.prefill(both(window(s + 1 - keep, s + 1)), cache, stream_ids)
 
     return delay_deinterleave(delayed)
 
@@ -218,7 +218,7 @@ def loop_fits(loop_frames, block_size, n_codebooks):
 
 
 def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, top_p=0.0, seed=1337,
-                  context_stride=0.25, style=None, cfg_coef=None, candidates=8, progress=None):
+                  context_stride=0.25, style_id=None, cfg_coef=None, candidates=8, progress=None):
     """One loop of exactly loop_frames frames: codes (K, loop_frames) that repeat without a seam as
     the model hears it. An autoregressive model cannot see the beginning it must lead back to, so
     the loop is made in two parts: a body (all but the last second, or quarter, of the loop, after a
@@ -231,15 +231,15 @@ def generate_loop(model, loop_frames, prompt=None, temperature=1.0, top_k=250, t
     if not loop_fits(loop_frames, model.config.block_size, model.config.n_codebooks):
         raise ValueError(f"a loop of {loop_frames} frames needs a context of {loop_frames + bridge} steps and "
                          f"more, the model's is {model.config.block_size}")
-    styles = None if style is None else [style]
+    style_ids = None if style_id is None else [style_id]
     # the body comes after a lead-in of `bridge` frames, dropped: a loop starts inside the music, not
     # where the model learned that pieces begin (quietly: a dip at every repeat)
     body = generate(decoder, loop_frames, prompt, temperature, top_k, top_p, 1, seed, context_stride,
-                    progress, styles, cfg_coef)[0, :, -(loop_frames - bridge):]
+                    progress, style_ids, cfg_coef)[0, :, -(loop_frames - bridge):]
     ends = generate(decoder, bridge, body, temperature, top_k, top_p, candidates, seed + 1, context_stride,
-                    progress, styles, cfg_coef)[:, :, -bridge:]
+                    progress, style_ids, cfg_coef)[:, :, -bridge:]
     loops = [torch.cat([body, end], dim=1) for end in ends]
-    seams = [frame_cross_entropy(decoder.model, torch.cat([loop, loop[:, :bridge]], dim=1), loop_frames, style)
+    seams = [frame_cross_entropy(decoder.model, torch.cat([loop, loop[:, :bridge]], dim=1), loop_frames, style_id)
              for loop in loops]
     best = min(range(len(loops)), key=seams.__getitem__)
     return loops[best], seams[best]

@@ -192,28 +192,28 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel() - self.wpe.weight.numel()
         return n - (self.style_emb.weight.numel() if self.config.n_styles else 0)
 
-    def add_style(self, x, styles):
-        """x (B, T, C) or (B, C) plus each sample's style vector. styles: (B,) ids, None = all "no
+    def add_style(self, x, style_ids):
+        """x (B, T, C) or (B, C) plus each sample's style vector. style_ids: (B,) ids, None = all "no
         style". A model without styles has nothing to add (every id means "no style" to it)."""
         if not self.config.n_styles:
             return x
-        if styles is None:
-            styles = torch.full((x.shape[0],), self.config.n_styles, dtype=torch.long, device=x.device)
-        s = F.embedding(styles, self.style_emb.weight)
+        if style_ids is None:
+            style_ids = torch.full((x.shape[0],), self.config.n_styles, dtype=torch.long, device=x.device)
+        s = F.embedding(style_ids, self.style_emb.weight)
         return x + (s[:, None] if x.dim() == 3 else s)
 
-    def forward(self, codes, targets=None, cache=None, last_only=False, styles=None):
+    def forward(self, codes, targets=None, cache=None, last_only=False, style_ids=None):
         """codes (B, K, T) -> logits (B, K, T, V) and the training loss (None without targets): the
         per-codebook cross-entropies averaged with loss_weights (their plain mean is what evaluation
         reports).
         With a cache, the steps are appended after the cached ones; last_only returns only the
-        last step's logits (B, K, 1, V), which is all generation needs. styles: (B,) style ids
+        last step's logits (B, K, 1, V), which is all generation needs. style_ids: (B,) style ids
         (see add_style)."""
         B, K, T = codes.shape
         start = cache.length if cache is not None else 0
         self.check_fits(start, T)
         pos = torch.arange(start, start + T, device=codes.device)
-        x = self.add_style(self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos), styles)   # (B, T, C)
+        x = self.add_style(self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos), style_ids)   # (B, T, C)
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)
@@ -230,9 +230,9 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def prefill(self, codes, cache, styles=None):
+    def prefill(self, codes, cache, style_ids=None):
         """Run a prompt (B, K, T) into the cache; returns the next step's logits (B, K, V)."""
-        return self(codes, cache=cache, last_only=True, styles=styles)[0][:, :, -1]
+        return self(codes, cache=cache, last_only=True, style_ids=style_ids)[0][:, :, -1]
 
     def check_fits(self, start, steps):
         """Refuse `steps` steps from position `start` on when they go beyond the context."""
@@ -252,8 +252,8 @@ class GPT(nn.Module):
     def flops_per_step(self, T=None):
         """nanoGPT's (PaLM appendix B) count of training FLOPs per step (= per position):
         6 per parameter for the matmuls, plus attention's 12 * layers * embd * context."""
-        cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (T or cfg.block_size)
+        config = self.config
+        return 6 * self.get_num_params() + 12 * config.n_layer * config.n_embd * (T or config.block_size)
 
     def estimate_mfu(self, steps_per_second, peak_flops, T=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""

@@ -76,11 +76,11 @@ def train_step(model, optimizer, scaler, get_batch, accum_steps, grad_clip, ddp,
     from get_batch() (gradients add up), clip, step. Returns the last batch's loss as a tensor
     (reading it syncs with a GPU)."""
     for micro_step in range(accum_steps):
-        x, y, styles = get_batch()
+        x, y, style_ids = get_batch()
         # with DDP, only the last micro step synchronises gradients
         sync = nullcontext() if (not ddp or micro_step == accum_steps - 1) else model.no_sync()
         with sync, ctx:
-            _, loss = model(x, y, styles=styles)
+            _, loss = model(x, y, style_ids=style_ids)
         scaler.scale(loss / accum_steps).backward()
     if grad_clip:
         scaler.unscale_(optimizer)

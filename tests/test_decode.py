@@ -24,7 +24,7 @@ def test_cached_decoding_matches_full_forward(K, n_styles):
     decoder = Decoder(model)
     codes = torch.randint(0, 65, (2, K, 48))
     styles = torch.tensor([0, 3]) if n_styles else None     # a style and "no style"
-    full, _ = model(codes, styles=styles)
+    full, _ = model(codes, style_ids=styles)
     cache = decoder.new_cache(2)
     steps = [decoder.prefill(codes[:, :, :16], cache, styles)]
     for t in range(16, 47):
@@ -34,8 +34,8 @@ def test_cached_decoding_matches_full_forward(K, n_styles):
     torch.testing.assert_close(incremental, full[:, :, 15:47], atol=1e-5, rtol=1e-5)
     # a chunk after cached steps (the masked path) agrees too
     cache = decoder.new_cache(2)
-    model(codes[:, :, :10], cache=cache, styles=styles)
-    chunk, _ = model(codes[:, :, 10:30], cache=cache, styles=styles)
+    model(codes[:, :, :10], cache=cache, style_ids=styles)
+    chunk, _ = model(codes[:, :, 10:30], cache=cache, style_ids=styles)
     torch.testing.assert_close(chunk, full[:, :, 10:30], atol=1e-5, rtol=1e-5)
 
 
@@ -134,6 +134,6 @@ def test_cuda_graph_step_is_exact():
         assert torch.equal(logits, eager)
     assert cache.length == 16
     prompt = torch.randint(0, 1024, (4, 5))
-    for p, guidance in ((None, {}), (prompt, {}), (prompt, dict(styles=[1, 0], cfg_coef=3.0))):
+    for p, guidance in ((None, {}), (prompt, {}), (prompt, dict(style_ids=[1, 0], cfg_coef=3.0))):
         expected = generate(model, 40, p, temperature=0, **guidance)
         assert torch.equal(generate(gpu, 40, p, temperature=0, **guidance).cpu(), expected)

@@ -92,7 +92,7 @@ def test_style_embedding():
     an embedding, trained by AdamW. Without styles the model has no table at all."""
     model = tiny(K=2, n_styles=3)
     codes = torch.randint(0, 65, (1, 2, 12))
-    logits = [model(codes, styles=torch.tensor([s]))[0] for s in range(4)]
+    logits = [model(codes, style_ids=torch.tensor([s]))[0] for s in range(4)]
     for a in range(4):
         for b in range(a):
             assert (logits[a] - logits[b]).abs().amax(-1).min() > 1e-3   # differ at every step and codebook

@@ -80,7 +80,7 @@ def reference_greedy(model, frames, prompt=None, context_stride=0.25, style=None
             inputs = delayed[:, :, start:s].clone()
             for k in range(1, K):
                 inputs[:, k, :k] = special
-        logits = model(inputs, styles=None if style is None else torch.tensor([style]))[0][:, :, -1]
+        logits = model(inputs, style_ids=None if style is None else torch.tensor([style]))[0][:, :, -1]
         if cfg_coef is not None:
             uncond = model(inputs)[0][:, :, -1]
             logits = uncond + cfg_coef * (logits - uncond)
@@ -124,7 +124,7 @@ def test_cached_greedy_equals_full_recompute(K, block_size, frames, prompt_frame
     model = tiny_model(K, block_size, n_styles=2).double()  # float64: no argmax flips from rounding
     prompt = torch.randint(0, V, (K, prompt_frames)) if prompt_frames else None
     fast = generate(model, frames - prompt_frames, prompt, temperature=0, context_stride=0.25,
-                    styles=None if style is None else [style], cfg_coef=cfg_coef)
+                    style_ids=None if style is None else [style], cfg_coef=cfg_coef)
     slow = reference_greedy(model, frames, prompt, context_stride=0.25, style=style, cfg_coef=cfg_coef)
     # generate() continues only the prompt's last frames that fit the context: the same codes
     used = prompt_frames_used(model, prompt_frames, context_stride=0.25)
@@ -143,14 +143,14 @@ def test_guidance_at_coef_1_is_conditional_sampling(block_size, prompt_frames):
     model = tiny_model(K=4, block_size=block_size, n_styles=3).double()
     prompt = torch.randint(0, V, (4, prompt_frames)) if prompt_frames else None
     settings = dict(temperature=1.0, top_k=50, num_samples=2, seed=3)
-    conditional = generate(model, 50, prompt, styles=[2, 0], **settings)
-    guided = generate(model, 50, prompt, styles=[2, 0], cfg_coef=1.0, **settings)
+    conditional = generate(model, 50, prompt, style_ids=[2, 0], **settings)
+    guided = generate(model, 50, prompt, style_ids=[2, 0], cfg_coef=1.0, **settings)
     assert conditional.shape[0] == 4 and torch.equal(guided, conditional)
-    assert not torch.equal(generate(model, 50, prompt, styles=[2, 0], cfg_coef=3.0, **settings), conditional)
+    assert not torch.equal(generate(model, 50, prompt, style_ids=[2, 0], cfg_coef=3.0, **settings), conditional)
     greedy = dict(settings, temperature=0.0)
-    both = generate(model, 50, prompt, styles=[2, 0], **greedy)
-    assert torch.equal(both[:2], generate(model, 50, prompt, styles=[2], **greedy))
-    assert torch.equal(both[2:], generate(model, 50, prompt, styles=[0], **greedy))
+    both = generate(model, 50, prompt, style_ids=[2, 0], **greedy)
+    assert torch.equal(both[:2], generate(model, 50, prompt, style_ids=[2], **greedy))
+    assert torch.equal(both[2:], generate(model, 50, prompt, style_ids=[0], **greedy))
     assert not torch.equal(both[:2], both[2:])
 
 

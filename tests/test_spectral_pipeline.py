@@ -126,7 +126,7 @@ def test_a_checkpoint_with_corrupt_codec_weights_is_one_line(trained, tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_workers_and_torchrun_ranks_rebuild_the_fitted_codec_from_its_weights(prepared):
+def test_torchrun_ranks_rebuild_the_fitted_codec_from_its_weights(prepared):
     fitted = load_spectral(prepared[0] / "tokens" / "codec.pt")
     copy = codec_from_weights("spectral", fitted.weights())
     audio = torch.as_tensor(demo.synth_piece(5, 2.0, 24000))

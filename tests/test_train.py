@@ -150,7 +150,7 @@ def test_a_style_steers_generation(tmp_path):
     margins = {}
     for cfg_coef in (1.0, 3.0):
         for style, other in zip(names, reversed(names)):
-            codes = generate(model, 16, num_samples=64, styles=[names.index(style)], cfg_coef=cfg_coef, top_k=V)
+            codes = generate(model, 16, num_samples=64, style_ids=[names.index(style)], cfg_coef=cfg_coef, top_k=V)
             sampled = unigrams(codes.transpose(1, 2).reshape(-1, K).numpy(), V)
             own, others = unigram_kl(sampled, target[style]), unigram_kl(sampled, target[other])
             print(f"cfg_coef {cfg_coef}, style {style}: KL to its own style {own:.3f}, to the other {others:.3f}")
