@@ -774,6 +774,69 @@ def bench_sample(repeats=3):
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 
+def _compiled_step(dtype, batch_size, steps):
+    """(in a fresh process) gpt-fast's static-shape step on the CPU: Decoder.step_logits with the position as
+    a tensor (a cache of fixed length, every step attends over all of it, masked beyond the position: no
+    recompiles as the context grows), compiled by torch.compile with fixed shapes. Returns the seconds
+    the first call took (the compile, or loading it from Inductor's on-disk cache), the largest logit
+    difference from the eager step, and the best of 3 steps/s of eager and compiled at 0-7 s and at 25 s."""
+    import torch
+    from nanosuno.decode import Decoder
+    decoder = Decoder(random_model(), dtype)
+    K = decoder.config.n_codebooks
+    codes = torch.randint(0, 1024, (batch_size, K))
+    eager_cache, static_cache = decoder.new_cache(batch_size), decoder.new_cache(batch_size)
+    position = torch.zeros(1, dtype=torch.long)
+    step = torch.compile(decoder.step_logits, dynamic=False, fullgraph=True)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        compiled = step(codes, static_cache.kv, position)
+        first_call = time.perf_counter() - start
+        difference = (compiled.float() - decoder.step(codes, eager_cache).float()).abs().max().item()
+
+        def eager(start, n):
+            eager_cache.length = start
+            t0 = time.perf_counter()
+            for _ in range(n):
+                decoder.step(codes, eager_cache)
+            return n / (time.perf_counter() - t0)
+
+        def static(start, n):
+            t0 = time.perf_counter()
+            for i in range(n):
+                position.fill_(start + i)
+                step(codes, static_cache.kv, position)
+            return n / (time.perf_counter() - t0)
+        rates = best_of(3, lambda: eager(0, steps), lambda: static(0, steps),
+                        lambda: eager(1900, 140), lambda: static(1900, 140))
+    return first_call, difference, rates
+
+
+def bench_compiled_step():
+    """Whether a compiled static-shape decode step (issue 22) beats the eager flat step on this CPU, and
+    what its compile costs: the first run on a machine (an empty Inductor cache) and a second run (the
+    on-disk FX graph cache filled), each in a fresh process, at the default precision, batch 1 and 8."""
+    import torch
+    from nanosuno.hardware import pick_decode_dtype
+    dtype = pick_decode_dtype("auto", "cpu")
+    cache_dir = tempfile.mkdtemp(prefix="bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir   # spawned processes inherit it: a cold cache, then warm
+    print(f"compiled decode step: config/small.py shape, random weights, decode_dtype {dtype}; {_cpu_name()}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; steps/s, best of 3")
+    print(f"{'':22}{'first call s':>13}{'max |diff|':>11} | {'eager 0-7 s':>11}{'compiled':>9}{'ratio':>7} | "
+          f"{'eager 25 s':>10}{'compiled':>9}{'ratio':>7}")
+    try:
+        for batch_size in (1, 8):
+            for run in ("first run", "second run"):
+                (first_call, difference, rates), _ = in_fresh_process(_compiled_step, dtype, batch_size, 500)
+                e0, c0, e25, c25 = rates
+                print(f"batch {batch_size}, {run:11}{first_call:13.1f}{difference:11.4f} | {e0:11.0f}{c0:9.0f}"
+                      f"{c0 / e0:7.2f} | {e25:10.0f}{c25:9.0f}{c25 / e25:7.2f}")
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"load average now {os.getloadavg()[0]:.1f}")
+
+
 def bench_sample_gpu(device):
     """Generation on a GPU (CUDA: each step a captured graph, decode.CUDAGraphStep; MPS: eager),
     bfloat16, batch 1 and 64, at config/small.py's shape and at 768 x 12."""
@@ -865,7 +928,8 @@ def main(argv):
     parser.add_argument("--long_minutes", type=float, default=30.0, help="prepare: length of the long file (0: skip)")
     parser.add_argument("--codec", default=None, help="prepare: codec (default: pretrained if available)")
     parser.add_argument("--repeats", type=int, default=1, help="prepare: runs of raw encode and prepare, in turn")
-    parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to compile)")
+    parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to "
+                                                               "compile); sample: also a compiled static-shape step")
     parser.add_argument("--batch_size", type=int, default=None, help="train: batch size (default 2 on CPU, 16 on CUDA)")
     args = parser.parse_intermixed_args(argv)   # (codec: options, then the files)
     if args.what in ("prepare", "all"):
@@ -874,6 +938,8 @@ def main(argv):
         bench_train(args.compile, args.batch_size)
     if args.what in ("sample", "all"):
         bench_sample()
+        if args.compile:
+            bench_compiled_step()
     if args.what == "learn":  # not part of "all": it takes an hour by default
         variants = [(v.partition(":")[0], v.partition(":")[2].split()) for v in args.variant] if args.variant else None
         bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir or "data/learn",
