@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from nanosuno.codec import CODEC_NAMES
 from nanosuno.common import UserError, not_a_file
 from nanosuno.decode import DECODE_DTYPES
+from nanosuno.generate import SAMPLING_RULES
 from nanosuno.hardware import DTYPES
 from nanosuno.model import GPTConfig
 
@@ -115,6 +116,12 @@ class Config(_ModelSettings):
     cfg_coef: float = 3.0
 
 
+def _auto_or(choices):
+    """'auto, a, b or c': a setting that is auto or one of choices, in words."""
+    *first, last = ("auto", *choices)
+    return ", ".join(first) + " or " + last
+
+
 # The valid values of every setting that has limits (the model's from GPTConfig.RULES): (the rule in
 # words, test). Floats must also be finite. check_value applies these to every value given;
 # check_together checks settings that limit each other. A value outside its range ends in one line:
@@ -149,18 +156,13 @@ RULES = {
     "sample_every": (">= 0 (0 = off)", lambda v: v >= 0),
     "cfg_dropout": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "device": ("auto, cpu, mps, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)),
-    "dtype": ("auto, " + ", ".join(list(DTYPES)[:-1]) + " or " + list(DTYPES)[-1], lambda v: v == "auto" or v in DTYPES),
+    "dtype": (_auto_or(DTYPES), lambda v: v == "auto" or v in DTYPES),
     "seed": ("in 0..2**32-1", lambda v: 0 <= v < 2 ** 32),
     "seconds": ("> 0", lambda v: v > 0),          # (sample.py's memory check limits seconds x num_samples)
-    "num_samples": (">= 1", lambda v: v >= 1),
-    "temperature": (">= 0 (0 = greedy)", lambda v: v >= 0),
+    **SAMPLING_RULES,   # temperature, top_p, num_samples, context_stride, cfg_coef: generate.py's
     "top_k": (">= 1", lambda v: v >= 1),
-    "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
-    "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "decode_dtype": (", ".join(("auto",) + DECODE_DTYPES[:-1]) + " or " + DECODE_DTYPES[-1],
-                     lambda v: v == "auto" or v in DECODE_DTYPES),
+    "decode_dtype": (_auto_or(DECODE_DTYPES), lambda v: v == "auto" or v in DECODE_DTYPES),
     "style": ("None or style names separated by commas", lambda v: all(name.strip() for name in v.split(","))),
-    "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
     "loop_seconds": ("None or > 0", lambda v: v > 0),
     "bpm": ("None or in (0, 1000]", lambda v: 0 < v <= 1000),
 }

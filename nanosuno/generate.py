@@ -39,19 +39,30 @@ from nanosuno.evaluate import frame_cross_entropy
 from nanosuno.pattern import delay_deinterleave, delay_interleave
 
 
+# The valid values of the sampling arguments: (the rule in words, test). check_sampling applies them to
+# generate()'s arguments, and the config system (config.RULES) to the settings of the same names.
+SAMPLING_RULES = {
+    "temperature": (">= 0 (0 = greedy)", lambda v: v >= 0),
+    "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+    "num_samples": (">= 1", lambda v: v >= 1),
+    "context_stride": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "cfg_coef": (">= 0 (1 = plain conditional sampling)", lambda v: v >= 0),
+}
+
+
 def check_sampling(codebook_size, temperature, top_k, top_p, num_samples=1, context_stride=0.25, cfg_coef=None):
     """Raise ValueError, naming the argument and its valid values in one line, for sampling arguments
-    that cannot sample (cfg_coef None: no guidance). generate() checks its arguments with this;
-    sample.py calls it before it loads the codec or writes anything."""
-    rules = (("temperature", temperature, ">= 0 (0 = greedy)", lambda v: v >= 0),
-             ("top_k", top_k, f"between 1 and the codebook size {codebook_size}", lambda v: 1 <= v <= codebook_size),
-             ("top_p", top_p, "in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
-             ("num_samples", num_samples, ">= 1", lambda v: v >= 1),
-             ("context_stride", context_stride, "in (0, 1]", lambda v: 0 < v <= 1),
-             ("cfg_coef", cfg_coef, "None or >= 0", lambda v: v >= 0))
-    for name, value, rule, test in rules:
+    that cannot sample (SAMPLING_RULES, and top_k within the codebook; cfg_coef None: no guidance).
+    generate() checks its arguments with this; sample.py calls it before it loads the codec or
+    writes anything."""
+    rules = dict(SAMPLING_RULES, top_k=(f"between 1 and the codebook size {codebook_size}",
+                                        lambda v: 1 <= v <= codebook_size))
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                  context_stride=context_stride, cfg_coef=cfg_coef)
+    for name, value in values.items():
         if value is None and name == "cfg_coef":
             continue
+        rule, test = rules[name]
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and test(value)):
             raise ValueError(f"{name} must be {rule}, got {value!r}")
 
