@@ -785,7 +785,7 @@ def _compiled_step(dtype, batch_size, steps):
     decoder = Decoder(random_model(), dtype)
     K = decoder.config.n_codebooks
     codes = torch.randint(0, 1024, (batch_size, K))
-    eager_cache, static_cache = decoder.new_cache(batch_size), decoder.new_cache(batch_size)
+    eager_cache, static_cache = decoder.new_cache(batch_size), decoder.new_cache(batch_size)   # (the first calls compared)
     position = torch.zeros(1, dtype=torch.long)
     step = torch.compile(decoder.step_logits, dynamic=False, fullgraph=True)
     with torch.inference_mode():
@@ -794,21 +794,14 @@ def _compiled_step(dtype, batch_size, steps):
         first_call = time.perf_counter() - start
         difference = (compiled.float() - decoder.step(codes, eager_cache).float()).abs().max().item()
 
-        def eager(start, n):
-            eager_cache.length = start
-            t0 = time.perf_counter()
-            for _ in range(n):
-                decoder.step(codes, eager_cache)
-            return n / (time.perf_counter() - t0)
-
         def static(start, n):
             t0 = time.perf_counter()
             for i in range(n):
                 position.fill_(start + i)
                 step(codes, static_cache.kv, position)
             return n / (time.perf_counter() - t0)
-        rates = best_of(3, lambda: eager(0, steps), lambda: static(0, steps),
-                        lambda: eager(1900, 140), lambda: static(1900, 140))
+        rates = best_of(3, lambda: decode_loop_rate(decoder, 1, steps, batch_size), lambda: static(1, steps),
+                        lambda: decode_loop_rate(decoder, 1900, 140, batch_size), lambda: static(1900, 140))
     return first_call, difference, rates
 
 
