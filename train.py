@@ -259,7 +259,7 @@ def check_start_fits_data(cfg, data, ckpt):
                         f"codec than the one in {cfg.data_dir}: its codes mean other sounds; train from scratch")
     # style id i is row i of the checkpoint's style table: another corpus's styles would get
     # another style's row (or none), so resuming and fine-tuning both need the same style names
-    learned = ckpt.get("styles", [])   # (absent before styles existed)
+    learned = ckpt["styles"]   # (check_structure: a list of names)
     if learned != data.style_names:
         fix = (f"prepare {cfg.data_dir} with --styles=none" if not learned else
                f"prepare {cfg.data_dir} from audio sorted into the folders {', '.join(learned)}")
