@@ -511,11 +511,13 @@ def _iterations_in(minutes, cfg, meta):
     import torch
     from nanosuno.data import Batches
     from nanosuno.hardware import autocast, pick_dtype
+    from nanosuno.config import MODEL_SETTINGS
     from nanosuno.model import GPT, GPTConfig
     from nanosuno.optim import train_step
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=cfg.block_size, n_codebooks=cfg.n_codebooks, codebook_size=meta["codebook_size"],
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    # the variant's model, every model setting of it (a variant may change the model's shape)
+    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
+    model = GPT(GPTConfig(**{**model_args, "codebook_size": meta["codebook_size"]}))
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
     ctx, scaler = autocast("cpu", pick_dtype(cfg.dtype, "cpu")), torch.amp.GradScaler("cpu", enabled=False)

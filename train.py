@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanosuno.audio import save_wav
-from nanosuno.baselines import best_baseline, bits_per_second
+from nanosuno.baselines import best_baseline, bits_per_second, prev_frame_probs
 from nanosuno.checkpoint import (CKPT_NAME, LAST_NAME, check_codec, check_codec_setting, checkpoint_path,
                                  load_checkpoint, load_weights, make_checkpoint, read_checkpoint, save_checkpoint,
                                  weights_finite, with_resume_state)
@@ -289,9 +289,20 @@ def build_model(cfg, proc, data, ckpt):
     model = GPT(GPTConfig(**model_args))
     if ckpt:
         load_weights(model, ckpt)
+    elif cfg.bigram:
+        init_bigram(model, data)
     model.to(proc.device)
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     return model, optimizer
+
+
+def init_bigram(model, data):
+    """A new model's bigram table from the train split's previous-frame bigrams, mixed with the unigram
+    as the baseline that prepare.py scored (its mixing weights; 0.5 without a val split to score on)."""
+    lambdas = data.meta["baselines"]["lambda"]["prev_frame"] if data.meta.get("baselines") else [0.5] * model.config.n_codebooks
+    V, tokens = data.meta["codebook_size"], data.train.tokens
+    tables = [prev_frame_probs(tokens, data.train.files, V, k, lambdas[k]) for k in range(model.config.n_codebooks)]
+    model.init_bigram(np.stack([probs for probs, _ in tables]), np.stack([unigram for _, unigram in tables]))
 
 
 def restore_training(cfg, proc, data, ckpt, optimizer, state):

@@ -99,6 +99,14 @@ def baseline_losses(train_tokens, train_files, val_tokens, val_files, codebook_s
     return out
 
 
+def prev_frame_probs(tokens, files, codebook_size, k, lam):
+    """Codebook k's previous-frame bigram mixed with its unigram by lam, as baseline_losses scores
+    it: (V, V) P(code at t | code at t-1) (an unseen context gets the unigram), and the unigram (V,)."""
+    unigram = _unigram(_pairs(_pieces(tokens, files), k, "unigram")[1], codebook_size)
+    ctx, tgt = _pairs(_pieces(tokens, files), k, "prev_frame")
+    return lam * _bigram(ctx, tgt, codebook_size) + (1 - lam) * unigram, unigram
+
+
 def sample_prev_frame_bigram(tokens, files, codebook_size, frames, pieces, lambdas, seed=0):
     """Codes (pieces, K, frames) drawn from each codebook's previous-frame bigram (mixed with its
     unigram by lambdas[k], as baseline_losses scores it), every codebook on its own: the music of
@@ -107,9 +115,7 @@ def sample_prev_frame_bigram(tokens, files, codebook_size, frames, pieces, lambd
     V, K = codebook_size, tokens.shape[1]
     out = np.zeros((pieces, K, frames), dtype=np.int64)
     for k in range(K):
-        unigram = _unigram(_pairs(_pieces(tokens, files), k, "unigram")[1], V)
-        ctx, tgt = _pairs(_pieces(tokens, files), k, "prev_frame")
-        probs = lambdas[k] * _bigram(ctx, tgt, V) + (1 - lambdas[k]) * unigram   # an unseen context: the unigram
+        probs, unigram = prev_frame_probs(tokens, files, V, k, lambdas[k])
         cdf = (probs / probs.sum(1, keepdims=True)).cumsum(1)
         code = rng.choice(V, size=pieces, p=unigram)
         for t in range(frames):

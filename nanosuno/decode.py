@@ -29,7 +29,7 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (2, batch_size, config.n_head, max_len, head_dim)
+        shape = (2, batch_size, config.n_kv_head or config.n_head, max_len, head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0             # steps filled so far
@@ -141,30 +141,36 @@ class Decoder:
         model = self.model
         B, K = codes.shape
         C, H = self.config.n_embd, self.config.n_head
+        H_kv, D = self.config.n_kv_head or H, C // H
         at_tensor = torch.is_tensor(t)
         # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
-        x = F.embedding_bag(codes + model.code_offsets[0, :, 0], model.wte.weight, mode="sum")
+        rows = codes + model.code_offsets[0, :, 0]
+        x = F.embedding_bag(rows, model.wte.weight, mode="sum")
         x = x + (model.wpe.weight.index_select(0, t) if at_tensor else model.wpe.weight[t])      # (B, C)
         x = model.add_style(x, style_ids)
         if at_tensor:
             visible = (torch.arange(kv_cache[0].shape[3], device=t.device) <= t).view(1, -1)  # (query, keys)
         for w, kv in zip(self.layers, kv_cache):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
-            qkv = matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, 3, H, 1, C // H).transpose(0, 1)
-            q = qkv[0].to(kv.dtype)   # the cache may be wider than the model (see cache_dtype)
+            qkv = matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, H + 2 * H_kv, D)
+            # the query heads that share a k/v head attend as that head's H / H_kv queries: one
+            # read of the cache per k/v head (the cache may be wider than the model: see cache_dtype)
+            q = qkv[:, :H].reshape(B, H_kv, H // H_kv, D).to(kv.dtype)
+            kv_new = qkv[:, H:].view(B, 2, H_kv, 1, D).transpose(0, 1)
             if at_tensor:
-                kv.index_copy_(3, t, qkv[1:])      # this step's keys and values
+                kv.index_copy_(3, t, kv_new)       # this step's keys and values
                 y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=visible)
             else:
-                kv.narrow(3, t, 1).copy_(qkv[1:])
+                kv.narrow(3, t, 1).copy_(kv_new)
                 y = F.scaled_dot_product_attention(q, *kv.narrow(3, 0, t + 1))
-            y = y.view(B, C).to(x.dtype)          # (B, H, 1, D) is (B, C) in memory
+            y = y.reshape(B, C).to(x.dtype)       # (B, H_kv, H / H_kv, D) is (B, C) in memory
             x = matmul(y, w["attn.c_proj.weight"], w.get("attn.c_proj.bias"), residual=x)
             h = torch.layer_norm(x, (C,), w["ln_2.weight"], w.get("ln_2.bias"))
             h = F.gelu(matmul(h, w["mlp.c_fc.weight"], w.get("mlp.c_fc.bias")), approximate="tanh")
             x = matmul(h, w["mlp.c_proj.weight"], w.get("mlp.c_proj.bias"), residual=x)
         x = torch.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias)
-        return matmul(x, self.heads).view(B, K, -1)
+        logits = matmul(x, self.heads).view(B, K, -1)
+        return logits + model.bigram.weight[rows] if self.config.bigram else logits
 
 
 class CUDAGraphStep:

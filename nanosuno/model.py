@@ -33,12 +33,19 @@ class GPTConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 256
+    n_kv_head: int = 0              # key/value heads, each shared by n_head / n_kv_head query heads
+                                    # (grouped-query attention: a smaller KV cache); 0 = n_head
     dropout: float = 0.0
     bias: bool = False              # biases in Linears and LayerNorms (False: a bit better and faster)
     n_styles: int = 0               # style labels (0 = unconditional: no style table)
     # codebook 0's weight in the training loss (each other codebook's is 1): it is the hardest to
     # predict and, weighted equally, learns slower than a model of codebook 0 alone (README: How well it learns)
     codebook0_weight: float = 2.0
+    # the previous-frame bigram inside the model: per codebook a table of logits, one row per input
+    # code, added to the head's logits (K * (V + 1) * V parameters, lookups only). train.py starts it
+    # from the train split's counts (init_bigram), so that a new model predicts as well as that
+    # simple baseline from its first step and spends its capacity on what counting cannot know
+    bigram: bool = False
 
     # each field's valid values: (the rule in words, test). The settings (config.py) and a checkpoint's
     # model_args (checkpoint.py) are checked against these. Upper limits far beyond any machine's memory,
@@ -51,6 +58,7 @@ class GPTConfig:
         "n_layer": ("in 1..1024", lambda v: 1 <= v <= 1024),
         "n_head": ("in 1..1024", lambda v: 1 <= v <= 1024),
         "n_embd": ("in 1..65536", lambda v: 1 <= v <= 65536),
+        "n_kv_head": ("in 0..1024", lambda v: 0 <= v <= 1024),
         "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
         "n_styles": (">= 0", lambda v: v >= 0),
         "codebook0_weight": ("> 0", lambda v: v > 0 and math.isfinite(v)),
@@ -70,6 +78,9 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): each head "
                              "gets n_embd / n_head channels")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each "
+                             "key/value head serves the same number of query heads")
         if self.block_size < self.n_codebooks:
             # generation slides its window keeping K - 1 steps and gaining at least one (generate.py)
             raise ValueError(f"block_size ({self.block_size}) must be at least n_codebooks ({self.n_codebooks})")
@@ -85,33 +96,39 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        head_dim = config.n_embd // config.n_head
+        # q (n_head heads), then k and v (n_kv_head heads each), in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.n_embd, self.dropout = config.n_embd, config.dropout
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv                                   # each (B, n_head, T, head_dim)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, H + 2 * H_kv, C // H)
+        q = qkv[:, :, :H].transpose(1, 2)                                        # (B, H, T, head_dim)
+        kv_new = qkv[:, :, H:].view(B, T, 2, H_kv, C // H).permute(2, 0, 3, 1, 4)  # (k/v, B, H_kv, T, head_dim)
+        gqa = H_kv != H     # each k/v head serves H / H_kv query heads
         if cache is None:
             # training / full forward: the fused causal kernel (flash attention on CUDA)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            y = F.scaled_dot_product_attention(q, *kv_new, is_causal=True, enable_gqa=gqa,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             # write this chunk's keys/values into the cache, attend over everything so far
             start, end = cache.length, cache.length + T
             kv = cache.kv[layer]
-            kv[:, :, :, start:end] = qkv[1:]
+            kv[:, :, :, start:end] = kv_new
             k, v = kv[:, :, :, :end]
             q = q.to(kv.dtype)  # the cache may be wider than the model (see decode.cache_dtype)
             if T == 1:      # one new step sees every cached step: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             elif start == 0:  # prefill from empty: plain causal
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:           # a chunk after cached steps: query i sees keys 0..start+i
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
@@ -175,11 +192,15 @@ class GPT(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_heads = nn.Linear(config.n_embd, K * V, bias=False)  # K heads in one matmul
+        if config.bigram:   # rows as wte's: code + k * (V + 1), the special token's row included
+            self.bigram = nn.Embedding(K * (V + 1), V)
         # nanoGPT init: N(0, 0.02), residual projections scaled down by depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.bigram:   # adds nothing until init_bigram fills it
+            nn.init.zeros_(self.bigram.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -188,9 +209,20 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def get_num_params(self):
-        """Parameter count without the lookup tables (code, position and style embeddings: they cost no FLOPs)."""
+        """Parameter count without the lookup tables (code, position and style embeddings, the bigram
+        table: they cost no FLOPs)."""
         n = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel() - self.wpe.weight.numel()
+        n -= self.bigram.weight.numel() if self.config.bigram else 0
         return n - (self.style_emb.weight.numel() if self.config.n_styles else 0)
+
+    @torch.no_grad()
+    def init_bigram(self, probs, unigrams):
+        """Fill the bigram table with the log of per-codebook bigram probabilities (K, V, V)
+        P(code at t | code at t-1); the special token's rows (no previous frame) get the unigrams (K, V)."""
+        K, V = self.config.n_codebooks, self.config.codebook_size
+        table = self.bigram.weight.view(K, V + 1, V)
+        table[:, :V] = torch.as_tensor(probs, dtype=torch.float64).clamp_min(1e-12).log().to(table)
+        table[:, V] = torch.as_tensor(unigrams, dtype=torch.float64).log().to(table)
 
     def add_style(self, x, style_ids):
         """x (B, T, C) or (B, C) plus each sample's style vector. style_ids: (B,) ids, None = all "no
@@ -213,16 +245,19 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         self.check_fits(start, T)
         pos = torch.arange(start, start + T, device=codes.device)
-        x = self.add_style(self.wte(codes + self.code_offsets).sum(1) + self.wpe(pos), style_ids)   # (B, T, C)
+        rows = codes + self.code_offsets
+        x = self.add_style(self.wte(rows).sum(1) + self.wpe(pos), style_ids)   # (B, T, C)
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)
         if cache is not None:
             cache.advance(T)
         if last_only:
-            x = x[:, -1:]
+            x, rows = x[:, -1:], rows[:, :, -1:]
         x = self.ln_f(x)
         logits = self.lm_heads(x).view(B, x.shape[1], K, -1).transpose(1, 2)   # (B, K, T, V)
+        if self.config.bigram:   # (delay pattern: stream k's input is the frame before its target)
+            logits = logits + self.bigram(rows)
         loss = None
         if targets is not None:
             losses = codebook_losses(logits, targets, self.config.codebook_size) * self.loss_weights

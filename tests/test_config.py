@@ -126,6 +126,8 @@ def test_help_lists_every_setting(capsys):
     ("--gradient_accumulation_steps=0", "setting 'gradient_accumulation_steps' must be in 1..65536, got 0"),
     ("--max_iters=-5", r"setting 'max_iters' must be in 1..10\*\*9, got -5"),
     ("--n_head=3", r"n_embd \(256\) must be a multiple of n_head \(3\): each head gets n_embd / n_head channels"),
+    ("--n_kv_head=3", r"n_head \(8\) must be a multiple of n_kv_head \(3\): each key/value head serves"),
+    ("--n_kv_head=-1", r"setting 'n_kv_head' must be in 0..1024, got -1"),
     ("--out_dir=", "setting 'out_dir' must be a folder name, got ''"),
     ("--sample_every=-1", r"setting 'sample_every' must be >= 0 \(0 = off\), got -1"),
     ("--dropout=2", r"setting 'dropout' must be in \[0, 1\), got 2.0"),

@@ -19,6 +19,8 @@ from nanosuno.checkpoint import (checkpoint_path, load_checkpoint, make_checkpoi
                                  save_checkpoint, with_resume_state)
 from nanosuno.codec import load_codec
 from nanosuno.common import UserError
+from nanosuno.data import read_meta
+from nanosuno.evaluate import split_losses
 from nanosuno.generate import generate
 from nanosuno.model import GPT, GPTConfig
 
@@ -615,3 +617,30 @@ def test_a_time_budget_ends_on_time_at_min_lr_and_resumes_with_what_is_left(toke
         run(token_corpus, out, "--max_minutes=0.1", "--init_from=resume")
     run(token_corpus, out, "--max_minutes=0.15", "--init_from=resume", "--eval_interval=1000000")
     assert 9 <= load(out, last=True)["train_seconds"] < 13
+
+
+def test_a_bigram_model_starts_at_the_previous_frame_baseline(tmp_path, monkeypatch):
+    # the table starts from the train split's counts: before any step, the model predicts each
+    # codebook as well as the previous-frame bigram that prepare.py scored on val. Music here: each
+    # codebook a Markov chain (its own successor of each code 3 times in 4, else any code), in train and val
+    rng = np.random.default_rng(0)
+    successor = rng.integers(0, 1024, size=(8, 1024))
+
+    def chain(split, i, frames):
+        codes = np.zeros((8, frames), dtype=np.int64)
+        for t in range(1, frames):
+            codes[:, t] = np.where(rng.random(8) < 0.75, successor[np.arange(8), codes[:, t - 1]], rng.integers(0, 1024, 8))
+        return codes
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[3000, 2000], val_file_frames=[1000], codes_of=chain)
+    # (windows of 256 steps: the first step of each window has no previous frame to look up)
+    run(data, tmp_path / "out", "--bigram=True", "--block_size=256", "--max_iters=1", "--learning_rate=1e-9", "--min_lr=0",
+        "--muon_lr=1e-9")
+    meta = read_meta(data)
+    val = split_losses(model_from_checkpoint(load(tmp_path / "out")), data, meta, 8)   # the whole val split
+    assert val == pytest.approx(meta["baselines"]["prev_frame"], abs=0.1)   # (the heads start near, not at, 0)
+    assert max(meta["baselines"]["prev_frame"]) < math.log(1024) - 2      # far below a new model's ~6.93
+    # a resumed run goes on with the checkpoint's table: it never counts again
+    monkeypatch.setattr(train, "init_bigram", lambda *args: pytest.fail("a resumed run started its table again"))
+    run(data, tmp_path / "out", "--bigram=True", "--block_size=256", "--max_iters=2", "--init_from=resume")
+    assert load(tmp_path / "out", last=True)["iter_num"] == 2
