@@ -3,7 +3,7 @@ Throughput benchmarks. They print figures and assert nothing (never part of the 
 
     python bench.py prepare [--corpus=DIR] [--minutes=N] [--long_minutes=30] [--codec=NAME] [--repeats=1]
     python bench.py train [--compile] [--batch_size=N]
-    python bench.py sample
+    python bench.py sample [--compile] [--kv_heads]
     python bench.py decode_quality [--ckpt=PATH] [--data_dir=data/tokens] [--steps=300]
     python bench.py learn [--corpus=DIR] [--minutes=30 | --steps=N] [--codec=NAME] [--seeds=1337,7]
                           [--variant=NAME:SETTINGS ...] [--out_dir=DIR]
@@ -518,7 +518,8 @@ def _iterations_in(minutes, cfg, meta):
     # the variant's model, every model setting of it (a variant may change the model's shape)
     model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
     model = GPT(GPTConfig(**{**model_args, "codebook_size": meta["codebook_size"]}))
-    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                           cfg.bigram_lr)
     batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
     ctx, scaler = autocast("cpu", pick_dtype(cfg.dtype, "cpu")), torch.amp.GradScaler("cpu", enabled=False)
     times = []
@@ -619,14 +620,14 @@ class StepClock:
         return (self.steps - 1) / (self.last - self.first)
 
 
-def random_model(n_layer=6, n_head=8, n_embd=256, block_size=2048):
+def random_model(n_layer=6, n_head=8, n_embd=256, block_size=2048, n_kv_head=0):
     """config/small.py's shape (or another) with random weights: a fresh model's heads are zero,
     and all-equal logits would make top-k and sampling unrepresentatively cheap or dear."""
     import torch
     from nanosuno.model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, n_codebooks=8, codebook_size=1024, n_layer=n_layer,
-                          n_head=n_head, n_embd=n_embd))
+                          n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -774,6 +775,28 @@ def bench_sample(repeats=3):
               f"{t_generate:.1f} s ({seconds / t_generate:.1f}x real time) + Encodec decode {t_decode:.1f} s "
               f"({seconds / t_decode:.1f}x) = {seconds / (t_generate + t_decode):.1f}x real time (target: at least 10x)")
     print(f"load average now {os.getloadavg()[0]:.1f}")
+
+
+def bench_kv_heads(repeats=3):
+    """What grouped-query attention buys generation: bare steps/s at config/small.py's shape with 8
+    (plain), 4, 2 and 1 key/value heads, batch 1 and 8, early (0-7 s of context) and late (25 s), at
+    the default decode precision. The KV cache shrinks with the k/v heads; each step reads it whole."""
+    import torch
+    from nanosuno.decode import Decoder
+    from nanosuno.hardware import pick_decode_dtype
+    dtype = pick_decode_dtype("auto", "cpu")
+    print(f"grouped-query attention: config/small.py shape, random weights, decode_dtype {dtype}; {_cpu_name()}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; bare steps/s, best of {repeats}")
+    print(f"{'n_kv_head':>9} {'cache MB/piece':>14} | {'batch 1, 0-7 s':>14} {'25 s':>6} | {'batch 8, 0-7 s':>14} "
+          f"{'25 s':>6} | {'batch 8 frames/s vs batch 1, 0-7 s':>34}")
+    for n_kv_head in (8, 4, 2, 1):
+        decoder = Decoder(random_model(n_kv_head=n_kv_head), dtype)
+        cache_mb = sum(kv.numel() * kv.element_size() for kv in decoder.new_cache(1).kv) / 2**20
+        decode_loop_rate(decoder, 1, 20)   # warm-up
+        rates = best_of(repeats, *[lambda b=b, c=c: decode_loop_rate(decoder, c, 100, b)
+                                   for b in (1, 8) for c in (1, 1875)])
+        print(f"{n_kv_head:9d} {cache_mb:14.1f} | {rates[0]:14.0f} {rates[1]:6.0f} | {rates[2]:14.0f} {rates[3]:6.0f} | "
+              f"{8 * rates[2] / rates[0]:34.1f}")
 
 
 def _compiled_step(dtype, batch_size, steps):
@@ -925,6 +948,8 @@ def main(argv):
     parser.add_argument("--repeats", type=int, default=1, help="prepare: runs of raw encode and prepare, in turn")
     parser.add_argument("--compile", action="store_true", help="train: also measure torch.compile on CPU (slow to "
                                                                "compile); sample: also a compiled static-shape step")
+    parser.add_argument("--kv_heads", action="store_true", help="sample: also generation speed with grouped-query "
+                                                                "attention (n_kv_head 8, 4, 2, 1)")
     parser.add_argument("--batch_size", type=int, default=None, help="train: batch size (default 2 on CPU, 16 on CUDA)")
     args = parser.parse_intermixed_args(argv)   # (codec: options, then the files)
     if args.what in ("prepare", "all"):
@@ -935,6 +960,8 @@ def main(argv):
         bench_sample()
         if args.compile:
             bench_compiled_step()
+        if args.kv_heads:
+            bench_kv_heads()
     if args.what == "learn":  # not part of "all": it takes an hour by default
         variants = [(v.partition(":")[0], v.partition(":")[2].split()) for v in args.variant] if args.variant else None
         bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir or "data/learn",

@@ -292,7 +292,8 @@ def build_model(cfg, proc, data, ckpt):
     elif cfg.bigram:
         init_bigram(model, data)
     model.to(proc.device)
-    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                           cfg.bigram_lr)
     return model, optimizer
 
 
