@@ -465,7 +465,7 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     print(f"learn: config/small.py dims, batch 4 x 2048 steps, {minutes if not steps else '-'} min / "
           f"{steps or '-'} iterations; codec {meta['codec']}; variants {', '.join(name for name, _ in variants)}; "
           f"seeds {', '.join(map(str, seeds))}; {_cpu_name()}; load average {os.getloadavg()[0]:.1f}")
-    budgets = {name: steps or _iterations_in(minutes, load_config(fixed + args), meta) for name, args in variants}
+    budgets = {name: steps or _iterations_in(minutes, load_config(fixed + args), meta, name) for name, args in variants}
     results = []
     for seed in seeds:
         for name, args in variants:
@@ -506,7 +506,7 @@ def bench_learn(corpus=WESNOTH, minutes=30.0, steps=None, codec_name=None, data_
     print("json: " + json.dumps({"results": results, "best_baseline": best, "codec": meta["codec"]}))
 
 
-def _iterations_in(minutes, cfg, meta):
+def _iterations_in(minutes, cfg, meta, name):
     """How many iterations of this model fit in `minutes` here: a few timed train steps on real batches."""
     import torch
     from nanosuno.data import Batches
@@ -528,7 +528,7 @@ def _iterations_in(minutes, cfg, meta):
         train_step(model, optimizer, scaler, lambda: batches.sample(cfg.batch_size), 1, cfg.grad_clip, False, ctx)
         times.append(time.perf_counter() - start)
     seconds = sorted(times[1:])[1]   # the median of three, after one warm-up
-    print(f"  K={cfg.n_codebooks}: {seconds:.2f} s per iteration here: {minutes:g} min = {int(minutes * 60 / seconds)} iterations")
+    print(f"  {name}: {seconds:.2f} s per iteration here: {minutes:g} min = {int(minutes * 60 / seconds)} iterations")
     return max(1, int(minutes * 60 / seconds))
 
 
@@ -779,24 +779,25 @@ def bench_sample(repeats=3):
 
 def bench_kv_heads(repeats=3):
     """What grouped-query attention buys generation: bare steps/s at config/small.py's shape with 8
-    (plain), 4, 2 and 1 key/value heads, batch 1 and 8, early (0-7 s of context) and late (25 s), at
-    the default decode precision. The KV cache shrinks with the k/v heads; each step reads it whole."""
+    (plain), 4, 2 and 1 key/value heads, batch 1 and 8, early (100 steps from 0 s of context) and late
+    (from 25 s), at the default decode precision. The KV cache shrinks with the k/v heads; each step
+    reads the filled part of it."""
     import torch
     from nanosuno.decode import Decoder
     from nanosuno.hardware import pick_decode_dtype
     dtype = pick_decode_dtype("auto", "cpu")
     print(f"grouped-query attention: config/small.py shape, random weights, decode_dtype {dtype}; {_cpu_name()}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; bare steps/s, best of {repeats}")
-    print(f"{'n_kv_head':>9} {'cache MB/piece':>14} | {'batch 1, 0-7 s':>14} {'25 s':>6} | {'batch 8, 0-7 s':>14} "
-          f"{'25 s':>6} | {'batch 8 frames/s vs batch 1, 0-7 s':>34}")
+    print(f"{'n_kv_head':>9} {'cache MB/piece':>14} | {'batch 1, 0 s':>12} {'25 s':>6} | {'batch 8, 0 s':>12} "
+          f"{'25 s':>6} | {'batch 8 frames/s vs batch 1, 0 s':>32}")
     for n_kv_head in (8, 4, 2, 1):
         decoder = Decoder(random_model(n_kv_head=n_kv_head), dtype)
         cache_mb = sum(kv.numel() * kv.element_size() for kv in decoder.new_cache(1).kv) / 2**20
         decode_loop_rate(decoder, 1, 20)   # warm-up
         rates = best_of(repeats, *[lambda b=b, c=c: decode_loop_rate(decoder, c, 100, b)
                                    for b in (1, 8) for c in (1, 1875)])
-        print(f"{n_kv_head:9d} {cache_mb:14.1f} | {rates[0]:14.0f} {rates[1]:6.0f} | {rates[2]:14.0f} {rates[3]:6.0f} | "
-              f"{8 * rates[2] / rates[0]:34.1f}")
+        print(f"{n_kv_head:9d} {cache_mb:14.1f} | {rates[0]:12.0f} {rates[1]:6.0f} | {rates[2]:12.0f} {rates[3]:6.0f} | "
+              f"{8 * rates[2] / rates[0]:32.1f}")
 
 
 def _compiled_step(dtype, batch_size, steps):

@@ -74,7 +74,7 @@ class Config(_ModelSettings):
     max_minutes: typing.Optional[float] = None
     learning_rate: float = 2e-3         # AdamW's, for the code embeddings and the heads
     muon_lr: float = 0.02               # Muon's, for the blocks' weight matrices (see nanosuno/optim.py)
-    bigram_lr: typing.Optional[float] = None   # AdamW's for the bigram table: None = learning_rate, 0 = kept at its counts
+    bigram_lr: float = 0.0              # AdamW's for the bigram table; 0 = kept at its counts (measured better)
     min_lr: float = 2e-4                # where the cosine decay ends (Muon's lr ends at the same fraction)
     warmup_iters: int = 100
     lr_decay_iters: int = 5000          # cosine decay reaches min_lr here (usually = max_iters)
@@ -144,7 +144,7 @@ RULES = {
     "max_minutes": ("None or in (0, 10**6]", lambda v: 0 < v <= 10 ** 6),
     "learning_rate": ("> 0", lambda v: v > 0),
     "muon_lr": ("> 0", lambda v: v > 0),
-    "bigram_lr": ("None or >= 0", lambda v: v >= 0),
+    "bigram_lr": (">= 0", lambda v: v >= 0),
     "min_lr": (">= 0", lambda v: v >= 0),
     "warmup_iters": (">= 0", lambda v: v >= 0),
     "lr_decay_iters": (">= 0", lambda v: v >= 0),

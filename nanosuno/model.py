@@ -274,17 +274,16 @@ class GPT(nn.Module):
         if start + steps > self.config.block_size:
             raise ValueError(f"sequence of {start + steps} steps exceeds block_size {self.config.block_size}")
 
-    def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas, bigram_lr=None):
+    def configure_optimizers(self, learning_rate, muon_lr, weight_decay, betas, bigram_lr=0.0):
         """Muon for the blocks' weight matrices, AdamW for everything else: the code and position
         embeddings, the heads, the LayerNorm weights (see optim.py), and the bigram table at bigram_lr
-        (None: learning_rate; 0: not trained, kept as init_bigram left it). Each group remembers its
-        initial_lr; the schedule scales them all alike."""
+        (0: not trained, kept as init_bigram left it). Each group remembers its initial_lr; the
+        schedule scales them all alike."""
         hidden = [p for p in self.h.parameters() if p.dim() == 2]
         table = [self.bigram.weight] if self.config.bigram else []
         rest = [p for p in self.parameters() if not any(p is q for q in hidden + table)]
         groups = [{"params": hidden, "muon": True, "lr": muon_lr, "initial_lr": muon_lr},
                   {"params": rest, "muon": False, "lr": learning_rate, "initial_lr": learning_rate}]
-        bigram_lr = learning_rate if bigram_lr is None else bigram_lr
         if table and bigram_lr:
             groups.append({"params": table, "muon": False, "lr": bigram_lr, "initial_lr": bigram_lr})
         elif table:   # no gradient to compute either

@@ -137,8 +137,8 @@ def test_optimizer_groups():
 
 
 def test_the_bigram_table_trains_at_bigram_lr_or_not_at_all():
-    """The bigram table: a lookup (no FLOPs counted), in its own AdamW group at bigram_lr (None:
-    learning_rate); at 0 in no group and without a gradient, while the rest still trains."""
+    """The bigram table: a lookup (no FLOPs counted), in its own AdamW group at bigram_lr; at 0 (the
+    default) in no group and without a gradient, while the rest still trains."""
     def model():
         torch.manual_seed(0)
         return GPT(GPTConfig(block_size=32, n_codebooks=4, codebook_size=64, n_layer=1, n_head=2, n_embd=32,
@@ -146,7 +146,7 @@ def test_the_bigram_table_trains_at_bigram_lr_or_not_at_all():
     assert model().get_num_params() == sum(p.numel() for n, p in model().named_parameters()
                                            if n.split(".")[0] not in ("wte", "wpe", "bigram"))
     codes = torch.randint(0, 64, (2, 4, 33))
-    for bigram_lr, table_lr in ((None, 1e-3), (5e-3, 5e-3), (0.0, None)):
+    for bigram_lr, table_lr in ((1e-3, 1e-3), (5e-3, 5e-3), (0.0, None)):
         m = model()
         optimizer = m.configure_optimizers(1e-3, 0.02, 0.0, (0.9, 0.95), bigram_lr)
         groups = [g["lr"] for g in optimizer.param_groups if any(p is m.bigram.weight for p in g["params"])]
@@ -155,6 +155,7 @@ def test_the_bigram_table_trains_at_bigram_lr_or_not_at_all():
         m(codes[:, :, :-1], codes[:, :, 1:])[1].backward()
         optimizer.step()
         assert torch.equal(m.bigram.weight, table) == (table_lr is None)
+        assert m.bigram.weight.requires_grad == (table_lr is not None)
         assert not torch.equal(m.lm_heads.weight, head)
 
 
