@@ -6,7 +6,6 @@ n_head = 8
 n_embd = 256
 block_size = 2048
 n_codebooks = 8
-bigram = True           # the previous-frame bigram inside the model, from the data's counts (docs/learning.md)
 
 batch_size = 8
 gradient_accumulation_steps = 4

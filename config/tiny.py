@@ -6,7 +6,6 @@ n_head = 4
 n_embd = 128
 block_size = 300
 n_codebooks = 8
-bigram = True           # the previous-frame bigram inside the model, from the data's counts (docs/learning.md)
 
 batch_size = 8
 max_iters = 200
