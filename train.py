@@ -300,9 +300,9 @@ def build_model(cfg, proc, data, ckpt):
 def init_bigram(model, data):
     """A new model's bigram table from the train split's previous-frame bigrams, mixed with the unigram
     as the baseline that prepare.py scored (its mixing weights; 0.5 without a val split to score on)."""
-    lambdas = data.meta["baselines"]["lambda"]["prev_frame"] if data.meta.get("baselines") else [0.5] * model.config.n_codebooks
-    V, tokens = data.meta["codebook_size"], data.train.tokens
-    tables = [prev_frame_probs(tokens, data.train.files, V, k, lambdas[k]) for k in range(model.config.n_codebooks)]
+    K, V = model.config.n_codebooks, data.meta["codebook_size"]
+    lambdas = data.meta["baselines"]["lambda"]["prev_frame"] if data.meta.get("baselines") else [0.5] * K
+    tables = [prev_frame_probs(data.train.tokens, data.train.files, V, k, lambdas[k]) for k in range(K)]
     model.init_bigram(np.stack([probs for probs, _ in tables]), np.stack([unigram for _, unigram in tables]))
 
 

@@ -29,7 +29,7 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (2, batch_size, config.n_kv_head or config.n_head, max_len, head_dim)
+        shape = (2, batch_size, config.kv_heads, max_len, head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0             # steps filled so far
@@ -141,7 +141,7 @@ class Decoder:
         model = self.model
         B, K = codes.shape
         C, H = self.config.n_embd, self.config.n_head
-        H_kv, D = self.config.n_kv_head or H, C // H
+        H_kv, D = self.config.kv_heads, C // H
         at_tensor = torch.is_tensor(t)
         # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
         rows = codes + model.code_offsets[0, :, 0]

@@ -64,6 +64,11 @@ class GPTConfig:
         "codebook0_weight": ("> 0", lambda v: v > 0 and math.isfinite(v)),
     }
 
+    @property
+    def kv_heads(self):
+        """The key/value heads the attention has: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
     def check(self):
         """Raise ValueError naming the first field of another type or outside its RULES, or two fields
         that do not fit together, in one line; return self."""
@@ -96,7 +101,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         head_dim = config.n_embd // config.n_head
         # q (n_head heads), then k and v (n_kv_head heads each), in one matmul
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * head_dim, bias=config.bias)
