@@ -38,7 +38,7 @@ from nanosuno.checkpoint import (CKPT_NAME, LAST_NAME, check_codec, check_codec_
                                  weights_finite, with_resume_state)
 from nanosuno.codec import codec_for, untrained_warning
 from nanosuno.common import UserError, lock_folder, refuse_folders, remove_stale_temporaries, run_cli, writing
-from nanosuno.config import MODEL_SETTINGS, Config, load_config
+from nanosuno.config import MODEL_SETTINGS, load_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
@@ -211,7 +211,9 @@ def same_weights(a, b):
 def load_start(cfg, proc):
     """The checkpoint this run starts from (None from scratch: init_from is 'scratch', 'resume' or the
     path of a checkpoint to fine-tune), and cfg with that checkpoint's model shape. A shape setting
-    left unset takes the checkpoint's value; one set to another value (even the default) is refused."""
+    set on the command line to another value (even the default) is refused; one left unset, or set
+    by the config file (which describes new runs: config/small.py's shape changes between versions),
+    takes the checkpoint's value, said in one line."""
     if cfg.init_from == "scratch":
         return cfg, None
     if cfg.init_from == "resume":
@@ -223,13 +225,17 @@ def load_start(cfg, proc):
             raise UserError(f"init_from={path}: no such checkpoint file (init_from is 'scratch', 'resume' or "
                             f"the path of a checkpoint to fine-tune)")
         ckpt = read_checkpoint(path, proc.device)
-    shape = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_SETTINGS and k not in TRAINING_ONLY}
-    given = getattr(cfg, "given", frozenset())   # (load_config's: the settings set in a file or on the command line)
-    changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in shape.items()
-               if getattr(cfg, k) != v and (k in given or getattr(cfg, k) != getattr(Config, k))]
-    if changed:
-        raise UserError(f"cannot start from {path} with another model shape ({', '.join(changed)}): leave "
+    # the checkpoint's shape; a setting it does not record is older than that setting: its default
+    args = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
+    shape = {k: v for k, v in args.items() if k in MODEL_SETTINGS and k not in TRAINING_ONLY}
+    differ = [k for k, v in shape.items() if getattr(cfg, k) != v]
+    refused = [f"{k} {shape[k]} -> {getattr(cfg, k)}" for k in differ if k in getattr(cfg, "on_command_line", ())]
+    if refused:
+        raise UserError(f"cannot start from {path} with another model shape ({', '.join(refused)}): leave "
                         f"these settings out to use the checkpoint's shape, or start from another checkpoint")
+    kept = [f"{k} {shape[k]} (not {getattr(cfg, k)})" for k in differ if k in getattr(cfg, "given", ())]
+    if kept and proc.master:
+        print(f"{path} has its own model shape: {', '.join(kept)}, as it was trained")
     return dataclasses.replace(cfg, **shape), ckpt
 
 

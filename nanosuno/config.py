@@ -268,7 +268,7 @@ def load_config(argv=(), **overrides):
     if "--help" in argv or "-h" in argv:
         print(settings_help())
         sys.exit(0)
-    settings, seen_override = {}, False
+    settings, seen_override, on_command_line = {}, False, set()
     for arg in argv:
         if arg.startswith("--"):
             seen_override = True
@@ -279,6 +279,7 @@ def load_config(argv=(), **overrides):
             if key in valid_keys() and str in _allowed_types(key) and not isinstance(value, (str, type(None))):
                 value = text  # --out_dir=2024 means the folder '2024': strings need no quotes
             settings[key] = check_value(key, value)
+            on_command_line.add(key)
         else:
             if seen_override:
                 raise UserError(f"config file '{arg}' must come before --key=value overrides")
@@ -291,8 +292,10 @@ def load_config(argv=(), **overrides):
         settings[key] = check_value(key, value)
     cfg = Config(**settings)
     check_together(dataclasses.asdict(cfg))
-    cfg.given = frozenset(settings)   # the settings set on purpose (not a setting itself): a default
-    return cfg                        # value given explicitly still means "this value"
+    # the settings set on purpose (not settings themselves): a default value given explicitly still
+    # means "this value". A config file describes runs in general; the command line this one.
+    cfg.given, cfg.on_command_line = frozenset(settings), frozenset(on_command_line | set(overrides))
+    return cfg
 
 
 def settings_help():

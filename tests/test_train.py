@@ -353,6 +353,32 @@ def test_finetuning_refuses_a_missing_file_another_codec_or_shape(token_corpus, 
         run(other, tmp_path / "new", f"--init_from={pretrained}")
 
 
+def test_a_config_files_shape_yields_to_the_checkpoint(token_corpus, tmp_path, capsys):
+    """config/small.py's shape changes between versions (n_kv_head and bigram were added): resuming or
+    fine-tuning a checkpoint with the config file keeps the checkpoint's shape and says so, and a
+    checkpoint older than a setting (no such key in model_args) is read as that setting's default."""
+    run(token_corpus, tmp_path / "old", "--max_iters=2", "--eval_interval=1000")
+    for last in (False, True):   # as if trained before n_kv_head and bigram existed
+        ckpt = load(tmp_path / "old", last)
+        del ckpt["model_args"]["n_kv_head"], ckpt["model_args"]["bigram"]
+        save_checkpoint(tmp_path / "old", ckpt, last)
+    config = tmp_path / "new_small.py"
+    config.write_text("n_kv_head = 1\nbigram = True\n")
+    capsys.readouterr()
+    train.main([str(config), f"--data_dir={token_corpus}", f"--out_dir={tmp_path / 'old'}", *TINY,
+                "--max_iters=4", "--init_from=resume"])
+    assert "has its own model shape: n_kv_head 0 (not 1), bigram False (not True), as it was trained" \
+        in capsys.readouterr().out
+    resumed = load(tmp_path / "old", last=True)
+    assert resumed["iter_num"] == 4 and (resumed["model_args"]["n_kv_head"], resumed["model_args"]["bigram"]) == (0, False)
+    train.main([str(config), f"--data_dir={token_corpus}", f"--out_dir={tmp_path / 'tuned'}", *TINY,
+                "--max_iters=1", f"--init_from={checkpoint_path(tmp_path / 'old')}"])
+    assert load(tmp_path / "tuned", last=True)["model_args"]["n_kv_head"] == 0
+    # on the command line the same setting is this run's, and a shape the checkpoint lacks is refused
+    with pytest.raises(UserError, match="another model shape .*n_kv_head 0 -> 1"):
+        run(token_corpus, tmp_path / "old", "--max_iters=6", "--init_from=resume", "--n_kv_head=1")
+
+
 def test_finetuning_keeps_the_styles_it_learned(token_corpus, tmp_path):
     """The style table's rows are the checkpoint's styles: fine-tuning needs a corpus with the same
     style names (other files, other music), and the new checkpoint keeps them; other styles, or
