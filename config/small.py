@@ -1,11 +1,14 @@
-# The reference model: ~6.8M non-embedding parameters, 27 s of context (2048 steps at 75 steps/s),
-# all 8 codebooks of Encodec 24 kHz at 6 kbps.
+# The reference model: ~6.2M non-embedding parameters (plus the bigram table: 8.4M entries, counted
+# from your songs, not learned), 27 s of context (2048 steps at 75 steps/s), all 8 codebooks of
+# Encodec 24 kHz at 6 kbps.
 out_dir = "out-small"
 n_layer = 6
 n_head = 8
 n_embd = 256
 block_size = 2048
 n_codebooks = 8
+n_kv_head = 2           # grouped-query attention: 4 query heads per key/value head, a 4x smaller KV cache
+bigram = True           # the previous-frame bigram inside the model, counted from your train split
 
 batch_size = 8
 gradient_accumulation_steps = 4

@@ -1,10 +1,14 @@
 import math
+import os
 
 import pytest
 import torch
 
+from nanosuno.config import MODEL_SETTINGS, load_config
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
@@ -15,17 +19,20 @@ def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
 
 def test_small_config_parameter_count():
     """config/small.py's model: the count follows from its shape, term by term."""
-    cfg = GPTConfig(block_size=2048, n_codebooks=8, codebook_size=1024, n_layer=6, n_head=8, n_embd=256)
+    small = load_config([os.path.join(ROOT, "config", "small.py")])
+    cfg = GPTConfig(**{k: getattr(small, k) for k in MODEL_SETTINGS}, codebook_size=1024)
+    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.bigram) == (6, 8, 2, 256, True)
     model = GPT(cfg)
-    d = cfg.n_embd
-    per_layer = 12 * d * d + 2 * d                     # qkv + proj + 4x MLP, two LayerNorm weights
+    d, kv = cfg.n_embd, cfg.n_embd * cfg.kv_heads // cfg.n_head   # k and v are kv wide each (grouped-query)
+    per_layer = d * (d + 2 * kv) + d * d + 8 * d * d + 2 * d      # qkv + proj + 4x MLP, two LayerNorm weights
     heads = cfg.n_codebooks * cfg.codebook_size * d
     non_embedding = cfg.n_layer * per_layer + d + heads  # + final LayerNorm
     embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d + cfg.block_size * d
+    bigram = cfg.n_codebooks * (cfg.codebook_size + 1) * cfg.codebook_size   # a row per input code, special included
     total = sum(p.numel() for p in model.parameters())
     print(f"config/small.py: {total:,} parameters, {model.get_num_params():,} non-embedding")
-    assert model.get_num_params() == non_embedding == 6_819_072
-    assert total == non_embedding + embeddings == 9_442_560
+    assert model.get_num_params() == non_embedding == 6_229_248
+    assert total == non_embedding + embeddings + bigram == 17_249_536
 
 
 @pytest.mark.parametrize("K", [1, 8])
