@@ -526,13 +526,12 @@ def _iterations_in(minutes, cfg, meta, name):
     import torch
     from nanosuno.data import Batches
     from nanosuno.hardware import autocast, pick_dtype
-    from nanosuno.config import MODEL_SETTINGS
-    from nanosuno.model import GPT, GPTConfig
+    from nanosuno.config import model_config
+    from nanosuno.model import GPT
     from nanosuno.optim import train_step
     torch.manual_seed(0)
     # the variant's model, every model setting of it (a variant may change the model's shape)
-    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
-    model = GPT(GPTConfig(**{**model_args, "codebook_size": meta["codebook_size"]}))
+    model = GPT(model_config(cfg, meta["codebook_size"]))
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                            cfg.bigram_lr)
     batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
@@ -639,12 +638,13 @@ def random_model(**overrides):
     """config/small.py's model (every model setting of it, or the overrides) with random weights: a
     fresh model's heads are zero, and all-equal logits would make top-k and sampling
     unrepresentatively cheap or dear."""
+    import dataclasses
     import torch
-    from nanosuno.config import MODEL_SETTINGS, load_config
-    from nanosuno.model import GPT, GPTConfig
+    from nanosuno.config import load_config, model_config
+    from nanosuno.model import GPT
     small = load_config([os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "small.py")])
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**{k: getattr(small, k) for k in MODEL_SETTINGS}, "codebook_size": 1024, **overrides}))
+    model = GPT(dataclasses.replace(model_config(small, 1024), **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)

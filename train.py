@@ -38,7 +38,7 @@ from nanosuno.checkpoint import (CKPT_NAME, LAST_NAME, check_codec, check_codec_
                                  weights_finite, with_resume_state)
 from nanosuno.codec import codec_for, untrained_warning
 from nanosuno.common import UserError, lock_folder, refuse_folders, remove_stale_temporaries, run_cli, writing
-from nanosuno.config import MODEL_SETTINGS, load_config
+from nanosuno.config import MODEL_SETTINGS, load_config, model_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
@@ -290,9 +290,7 @@ def resumed_state(cfg, ckpt):
 def build_model(cfg, proc, data, ckpt):
     """The model on its device, new or with the weights of the checkpoint it starts from, and its optimizer."""
     # the model's shape: its settings, and the codebook size and number of styles of the data
-    model_args = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
-    model_args.update(codebook_size=data.meta["codebook_size"], n_styles=len(data.style_names))
-    model = GPT(GPTConfig(**model_args))
+    model = GPT(model_config(cfg, data.meta["codebook_size"], len(data.style_names)))
     if ckpt:
         load_weights(model, ckpt)
     elif cfg.bigram:

@@ -42,6 +42,11 @@ _ModelSettings = dataclasses.make_dataclass("_ModelSettings", [
     (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(GPTConfig) if f.name in MODEL_SETTINGS])
 
 
+def model_config(cfg, codebook_size, n_styles=0):
+    """The GPTConfig of a run's Config: its model settings, and what the data decides."""
+    return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_SETTINGS}, codebook_size=codebook_size, n_styles=n_styles)
+
+
 @dataclass
 class Config(_ModelSettings):
     # (the model's settings come first: MODEL_SETTINGS, from GPTConfig, above)

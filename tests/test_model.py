@@ -4,11 +4,10 @@ import os
 import pytest
 import torch
 
-from nanosuno.config import MODEL_SETTINGS, load_config
+from conftest import ROOT
+from nanosuno.config import load_config, model_config
 from nanosuno.model import GPT, GPTConfig, codebook_losses
 from nanosuno.optim import MuonAdamW, orthogonalize
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
@@ -19,8 +18,7 @@ def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
 
 def test_small_config_parameter_count():
     """config/small.py's model: the count follows from its shape, term by term."""
-    small = load_config([os.path.join(ROOT, "config", "small.py")])
-    cfg = GPTConfig(**{k: getattr(small, k) for k in MODEL_SETTINGS}, codebook_size=1024)
+    cfg = model_config(load_config([os.path.join(ROOT, "config", "small.py")]), codebook_size=1024)
     assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.bigram) == (6, 8, 2, 256, True)
     model = GPT(cfg)
     d, kv = cfg.n_embd, cfg.n_embd * cfg.kv_heads // cfg.n_head   # k and v are kv wide each (grouped-query)
