@@ -935,6 +935,14 @@ def bench_decode_quality(ckpt_path=None, data_dir="data/tokens", steps=None, win
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def seed_list(text):
+    """--seeds: comma-separated integers (argparse's one-line error otherwise)."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 1337,7") from None
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description="nanosuno throughput benchmarks")
     parser.add_argument("what", choices=["prepare", "train", "sample", "decode_quality", "learn", "steer", "codec",
@@ -957,8 +965,9 @@ def main(argv):
     parser.add_argument("--seconds", type=float, default=10.0, help="steer, listen: length of each piece; loops: of each loop")
     parser.add_argument("--num_samples", type=int, default=8, help="steer: pieces per style and row; listen, loops: pieces")
     parser.add_argument("--seed", type=int, default=1337, help="steer: sampling seed")
-    parser.add_argument("--seeds", default="1337", help="learn: training seeds, comma-separated (two for anything kept); "
-                                                          "listen: sampling seeds (each draws every set again)")
+    parser.add_argument("--seeds", type=seed_list, default="1337",
+                        help="learn: training seeds, comma-separated (two for anything kept); "
+                             "listen: sampling seeds (each draws every set again)")
     parser.add_argument("--variant", action="append", default=None, metavar="NAME:SETTINGS",
                         help="learn: a recipe to compare, e.g. 'wd:--weight_decay=0.1 --muon_lr=0.03' (repeat the flag "
                              "for more; default: 'K=8:' and 'K=1:--n_codebooks=1')")
@@ -984,14 +993,14 @@ def main(argv):
     if args.what == "learn":  # not part of "all": it takes an hour by default
         variants = [(v.partition(":")[0], v.partition(":")[2].split()) for v in args.variant] if args.variant else None
         bench_learn(args.corpus, args.minutes or 30.0, args.steps, args.codec, args.data_dir or "data/learn",
-                    [int(seed) for seed in args.seeds.split(",")], variants, args.out_dir)
+                    args.seeds, variants, args.out_dir)
     if args.what == "steer":
         bench_steer(args.data_dir or "data/learn", args.out_dir or "out", args.seconds, args.num_samples, seed=args.seed)
     if args.what == "codec":
         bench_codec(args.data_dir or "data/tokens", args.out, args.files)
     if args.what == "listen":
         bench_listen(args.ckpt or args.out_dir or "out", args.data_dir or "data/tokens", args.corpus, args.out,
-                     args.seconds, args.num_samples, seeds=[int(seed) for seed in args.seeds.split(",")])
+                     args.seconds, args.num_samples, seeds=args.seeds)
     if args.what == "loops":
         bench_loops(args.ckpt or args.out_dir or "out", args.out, args.seconds, args.num_samples, args.seed)
     if args.what == "decode_quality":  # not part of "all": it needs a trained checkpoint and tokens

@@ -8,7 +8,8 @@ Every audio file under input_dir (wav, flac, ogg, mp3; any sample rate, any chan
 mono, resampled to 24 kHz and encoded by the codec (None = the pretrained encodec_24khz) into 8
 codebooks x 75 frames per second. --codec=spectral (and auto, without the pretrained weights) first
 fits a codec on the train split's files (seeded: the same corpus gives the same codec), stored
-beside the tokens as data_dir/codec.pt. Files go to train or val by a hash of their path
+beside the tokens as data_dir/codec.pt; a re-run whose train files and seed are unchanged uses that
+codec again instead of fitting it anew. Files go to train or val by a hash of their path
 (data.assign_splits) and end up in data_dir as train.bin, val.bin and meta.json (see data.py):
 a new set replaces the old one only once it is complete, so a failed run leaves the old set usable.
 One run at a time writes into a data_dir (a lock; a second run is told the first one's pid).
@@ -53,9 +54,9 @@ from nanosuno.codec import codec_from_weights, load_codec
 from nanosuno.common import (UserError, atomic_write_bytes, lock_folder, refuse_folders, remove_stale_temporaries,
                              run_cli, writing)
 from nanosuno.config import Config, load_config
-from nanosuno.data import SPLITS, assign_splits, new_meta, write_tokens
+from nanosuno.data import SPLITS, assign_splits, new_meta, read_codec_weights, read_meta, write_tokens
 from nanosuno.hardware import pick_device
-from nanosuno.spectral import MAX_FRAMES, SpectralCodec, fit_spectral
+from nanosuno.spectral import MAX_FRAMES, VERSION as SPECTRAL_VERSION, SpectralCodec, fit_spectral, spectral_from_weights
 
 SILENT_PEAK = 1e-4  # a file whose loudest sample is below this (-80 dBFS) is noted as silent
 
@@ -94,7 +95,9 @@ def prepare_tokens(cfg, paths, skipped):
     and report."""
     found = len(paths)
     device = process_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device=device, fit=lambda: fit_codec(cfg, paths))
+    fitted_on = fit_key(cfg, paths)
+    codec = load_codec(cfg.codec or "encodec_24khz", cfg.codec_dir, device=device,
+                       fit=lambda: stored_codec(cfg.data_dir, fitted_on) or fit_codec(cfg, paths))
     cache_dir = os.path.join(cfg.data_dir, "cache")
     with writing(cache_dir):
         os.makedirs(cache_dir, exist_ok=True)
@@ -121,7 +124,7 @@ def prepare_tokens(cfg, paths, skipped):
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
     styles = {name: style_of(name, cfg.styles) for name in names.values()}
     meta = write_tokens(cfg.data_dir, new_meta(codec.info()), token_sources(kept, names, split_of, styles, cache, codec),
-                        fitted=codec if codec.name == "spectral" else None)
+                        fitted=codec if codec.name == "spectral" else None, fitted_on=fitted_on)
 
     splits = meta["splits"]
     seconds = sum(s["frames"] for s in splits.values()) / codec.frame_rate
@@ -147,13 +150,49 @@ def corpus_names(paths, input_dir):
     return {path: os.path.relpath(path, input_dir).replace(os.sep, "/") for path in paths}
 
 
-def fit_codec(cfg, paths):
-    """The spectral codec fitted (seeded by cfg.seed) on the train split of the files found. The split
-    is decided as for the tokens (by name), before the unusable files are known: a file that cannot
-    be read is left out here, and reported when encoding skips it."""
+def train_files(cfg, paths):
+    """The files of the train split, decided as for the tokens (by name), before the unusable files
+    are known: the files the spectral codec is fitted on."""
     names = corpus_names(paths, cfg.input_dir)
     split_of = assign_splits(list(names.values()), cfg.val_fraction)
-    train = [path for path in paths if split_of[names[path]] == "train"]
+    return [path for path in paths if split_of[names[path]] == "train"]
+
+
+def fit_key(cfg, paths):
+    """What the spectral codec fitted on this corpus depends on, hashed: the codec's version, the
+    frames it samples, the seed, and each train file (its path and file_stamp, which changes with
+    every write). Stored in meta.json with the codec; an equal key means fitting again would give
+    the same codec."""
+    digest = hashlib.blake2b(f"spectral-v{SPECTRAL_VERSION}\0{MAX_FRAMES}\0{cfg.seed}\0".encode(), digest_size=16)
+    for path in train_files(cfg, paths):
+        try:
+            stamp = file_stamp(path)
+        except OSError:   # reported when encoding skips it
+            stamp = None
+        digest.update(f"{os.path.realpath(path)}\0{stamp}\0".encode())
+    return digest.hexdigest()
+
+
+def stored_codec(data_dir, fitted_on):
+    """The spectral codec in data_dir (codec.pt) if it was fitted on the same train files with the
+    same seed (key fitted_on), else None (no tokens there yet, another codec, another corpus, or a
+    damaged file: then it is fitted again)."""
+    try:
+        meta = read_meta(data_dir)
+        if (meta.get("codec_file") or {}).get("fitted_on") != fitted_on:
+            return None
+        codec = spectral_from_weights(read_codec_weights(data_dir, meta))
+    except (UserError, ValueError):
+        return None
+    print(f"using the spectral codec in {os.path.join(data_dir, meta['codec_file']['path'])}: fitted on the "
+          f"same train files with the same seed")
+    return codec
+
+
+def fit_codec(cfg, paths):
+    """The spectral codec fitted (seeded by cfg.seed) on the train split of the files found. A file
+    that cannot be read is left out here, and reported when encoding skips it."""
+    train = train_files(cfg, paths)
     frames = 0
 
     def waveforms():   # one file in memory at a time

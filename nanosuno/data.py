@@ -286,18 +286,19 @@ def assign_splits(names, val_fraction):
     return {name: "val" if name in val else "train" for name in names}
 
 
-def write_tokens(data_dir, meta, sources, fitted=None):
+def write_tokens(data_dir, meta, sources, fitted=None, fitted_on=None):
     """Write train.bin, val.bin and meta.json as one set: all three under temporary names first,
     then renamed, meta.json last (atomic_write_set), so that a failed run leaves the old set valid
     and a crash between renames is caught by open_split (or read_codec_weights). sources: {split:
     iterable of (file entry, codes (n_codebooks, frames))}; each entry ({"path": ..., "style": ...})
     gets its offset and frames. Holds one file's codes at a time. fitted: the spectral codec that
-    made the codes, written to codec.pt in the same set. Returns meta with its splits, styles and
+    made the codes, written to codec.pt in the same set, with fitted_on (prepare.fit_key: what it was
+    fitted on) in meta.json. Returns meta with its splits, styles and
     baselines filled in."""
     written = {}   # split: its temporary file
     outputs = []
     if fitted is not None:
-        meta["codec_file"] = {"path": CODEC_FILE, "key": fitted.cache_key}
+        meta["codec_file"] = {"path": CODEC_FILE, "key": fitted.cache_key, "fitted_on": fitted_on}
 
         def write_codec(tmp):
             with open(tmp, "wb") as f:   # a file object: a full disk is an OSError, as for the others

@@ -52,10 +52,36 @@ def test_prepare_fits_and_stores_the_codec_and_a_rerun_hits_the_cache(prepared, 
     meta = read_meta(root / "tokens")
     assert meta["codec"] == "spectral" and meta["codec_file"]["path"] == "codec.pt"
     assert meta["splits"]["train"]["frames"] > 1024 and meta["splits"]["val"]["frames"] > 0
+    before = read_bytes(root / "tokens")
     run_prepare(corpus, root / "tokens")
     out = capsys.readouterr().out
-    assert "fitted the spectral codec on the train split (2 file(s), 1,200 frames, 1,200 sampled) in " in out
+    # the same train files and seed: the stored codec, not a new fit, and every file from the cache
+    assert f"using the spectral codec in {root / 'tokens' / 'codec.pt'}: fitted on the same train files" in out
+    assert "fitted the spectral codec" not in out
     assert "with codec spectral into" in out and ": 0 to encode, 3 cached" in out
+    assert read_bytes(root / "tokens") == before
+
+
+def test_the_codec_is_fitted_again_when_its_train_files_seed_or_file_change(tmp_path, capsys):
+    corpus, data = make_corpus(tmp_path / "wavs"), tmp_path / "tokens"
+    run_prepare(corpus, data)
+    assert "fitted the spectral codec on the train split (2 file(s), 1,200 frames, 1,200 sampled) in " in \
+        capsys.readouterr().out
+    first = read_bytes(data)
+    run_prepare(corpus, data, "--seed=2")   # another seed samples other frames: another codec
+    assert "fitted the spectral codec" in capsys.readouterr().out and read_bytes(data)["codec.pt"] != first["codec.pt"]
+    run_prepare(corpus, data)   # back to the first seed: fitted again, the same codec as the first time
+    assert "fitted the spectral codec" in capsys.readouterr().out and read_bytes(data) == first
+    train_file = os.path.join(corpus, read_meta(data)["splits"]["train"]["files"][0]["path"])
+    sf.write(train_file, demo.synth_piece(7, 8.0, 24000), 24000)   # a train file rewritten
+    run_prepare(corpus, data)
+    out = capsys.readouterr().out
+    assert "fitted the spectral codec" in out and ": 3 to encode, 0 cached" in out   # a new codec: new codes
+    with open(data / "codec.pt", "r+b") as f:   # a damaged codec file is fitted again, not an error
+        f.truncate(1000)
+    run_prepare(corpus, data)
+    assert "fitted the spectral codec" in capsys.readouterr().out
+    assert load_spectral(data / "codec.pt").cache_key == read_meta(data)["codec_file"]["key"]
 
 
 def test_the_same_corpus_prepared_twice_gives_the_same_bytes(prepared, tmp_path):
