@@ -14,6 +14,8 @@ On a CUDA device a step is captured once as a CUDA graph (CUDAGraphStep) and rep
 import torch
 import torch.nn.functional as F
 
+from nanosuno.model import rotate
+
 
 # the precisions a Decoder can run in
 DECODE_DTYPES = ("float32", "bfloat16", "int8")
@@ -144,15 +146,22 @@ class Decoder:
         H_kv, D = self.config.kv_heads, C // H
         at_tensor = torch.is_tensor(t)
         # the K code embeddings summed in one op (rows code + k * (V + 1), as in forward), + position
+        # (a learned vector, or rotary angles that turn the queries and keys below)
         rows = codes + model.code_offsets[0, :, 0]
-        x = F.embedding_bag(rows, model.wte.weight, mode="sum")
-        x = x + (model.wpe.weight.index_select(0, t) if at_tensor else model.wpe.weight[t])      # (B, C)
+        x = F.embedding_bag(rows, model.wte.weight, mode="sum")                               # (B, C)
+        rotary = self.config.rotary
+        if rotary:
+            angles = model.rotary.index_select(0, t) if at_tensor else model.rotary[t]
+        else:
+            x = x + (model.wpe.weight.index_select(0, t) if at_tensor else model.wpe.weight[t])
         x = model.add_style(x, style_ids)
         if at_tensor:
             visible = (torch.arange(kv_cache[0].shape[3], device=t.device) <= t).view(1, -1)  # (query, keys)
         for w, kv in zip(self.layers, kv_cache):
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
             qkv = matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, H + 2 * H_kv, D)
+            if rotary:   # the query and key heads turned, the value heads as they are
+                qkv = torch.cat((rotate(qkv[:, :H + H_kv], angles), qkv[:, H + H_kv:]), dim=1)
             # the query heads that share a k/v head attend as that head's H / H_kv queries: one
             # read of the cache per k/v head (the cache may be wider than the model: see cache_dtype)
             q = qkv[:, :H].reshape(B, H_kv, H // H_kv, D).to(kv.dtype)

@@ -46,6 +46,10 @@ class GPTConfig:
     # from the train split's counts (init_bigram), so that a new model predicts as well as that
     # simple baseline from its first step and spends its capacity on what counting cannot know
     bigram: bool = False
+    # positions by rotary embedding (RoPE): queries and keys turned by position-dependent angles, so
+    # that attention sees how far apart two steps are; without it, a learned table of block_size
+    # position vectors is added to the input
+    rotary: bool = False
 
     # each field's valid values: (the rule in words, test). The settings (config.py) and a checkpoint's
     # model_args (checkpoint.py) are checked against these. Upper limits far beyond any machine's memory,
@@ -96,6 +100,24 @@ class GPTConfig:
 TRAINING_ONLY = ("dropout", "codebook0_weight")
 
 
+def rotary_angles(block_size, head_dim, base=10000.0):
+    """cos and sin of the angles that rotary embedding turns each position's channel pairs by:
+    (block_size, head_dim), the cosines in the first half. Pair i turns at base^(-2i / head_dim)
+    radians per step (Su et al. 2021, RoFormer)."""
+    per_step = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(block_size, dtype=torch.float64)[:, None] * per_step
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rotate(x, angles):
+    """Queries or keys (..., T, head_dim) turned by the rotary angles of their positions (T, head_dim):
+    channel i is paired with channel i + head_dim / 2."""
+    half = x.shape[-1] // 2
+    cos, sin = angles[..., :half].to(x.dtype), angles[..., half:].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -109,12 +131,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_embd, self.dropout = config.n_embd, config.dropout
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, angles=None):
         B, T, C = x.shape
         H, H_kv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, H + 2 * H_kv, C // H)
         q = qkv[:, :, :H].transpose(1, 2)                                        # (B, H, T, head_dim)
         kv_new = qkv[:, :, H:].view(B, T, 2, H_kv, C // H).permute(2, 0, 3, 1, 4)  # (k/v, B, H_kv, T, head_dim)
+        if angles is not None:   # rotary positions: the steps' angles (T, head_dim)
+            q = rotate(q, angles)
+            kv_new = torch.stack((rotate(kv_new[0], angles), kv_new[1]))
         gqa = H_kv != H     # each k/v head serves H / H_kv query heads
         if cache is None:
             # training / full forward: the fused causal kernel (flash attention on CUDA)
@@ -159,8 +184,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, angles=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, angles)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -192,7 +217,11 @@ class GPT(nn.Module):
         weights = torch.ones(K)
         weights[0] = config.codebook0_weight
         self.register_buffer("loss_weights", weights, persistent=False)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.rotary:   # not saved: a checkpoint's block_size and head size give them back
+            self.register_buffer("rotary", rotary_angles(config.block_size, config.n_embd // config.n_head),
+                                 persistent=False)
+        else:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -216,7 +245,8 @@ class GPT(nn.Module):
     def get_num_params(self):
         """Parameter count without the lookup tables (code, position and style embeddings, the bigram
         table: they cost no FLOPs)."""
-        n = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel() - self.wpe.weight.numel()
+        n = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel()
+        n -= 0 if self.config.rotary else self.wpe.weight.numel()
         n -= self.bigram.weight.numel() if self.config.bigram else 0
         return n - (self.style_emb.weight.numel() if self.config.n_styles else 0)
 
@@ -251,10 +281,12 @@ class GPT(nn.Module):
         self.check_fits(start, T)
         pos = torch.arange(start, start + T, device=codes.device)
         rows = codes + self.code_offsets
-        x = self.add_style(self.wte(rows).sum(1) + self.wpe(pos), style_ids)   # (B, T, C)
+        x = self.wte(rows).sum(1)                                              # (B, T, C)
+        angles = self.rotary[start:start + T] if self.config.rotary else None
+        x = self.add_style(x if self.config.rotary else x + self.wpe(pos), style_ids)
         x = self.drop(x)
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, angles)
         if cache is not None:
             cache.advance(T)
         if last_only:

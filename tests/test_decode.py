@@ -12,19 +12,21 @@ from nanosuno.generate import generate
 from nanosuno.model import GPT, GPTConfig
 
 
-def tiny(K=8, block_size=64, n_styles=0, codebook_size=64, n_head=4, bigram=False, n_kv_head=0):
+def tiny(K=8, block_size=64, n_styles=0, codebook_size=64, n_head=4, bigram=False, n_kv_head=0, rotary=False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, n_codebooks=K, codebook_size=codebook_size, n_layer=2,
-                          n_head=n_head, n_embd=32, n_styles=n_styles, bigram=bigram, n_kv_head=n_kv_head)).eval()
+                          n_head=n_head, n_embd=32, n_styles=n_styles, bigram=bigram, n_kv_head=n_kv_head,
+                          rotary=rotary)).eval()
     if bigram:   # a table that is not all zeros
         torch.nn.init.normal_(model.bigram.weight)
     return model
 
 
-@pytest.mark.parametrize("K,n_styles,bigram,n_kv_head", [(1, 0, False, 0), (8, 0, False, 0), (8, 3, False, 0),
-                                                         (8, 0, True, 0), (8, 0, False, 2), (8, 3, False, 1)])
-def test_cached_decoding_matches_full_forward(K, n_styles, bigram, n_kv_head):
-    model = tiny(K, n_styles=n_styles, bigram=bigram, n_kv_head=n_kv_head)
+@pytest.mark.parametrize("K,n_styles,bigram,n_kv_head,rotary", [
+    (1, 0, False, 0, False), (8, 0, False, 0, False), (8, 3, False, 0, False), (8, 0, True, 0, False),
+    (8, 0, False, 2, False), (8, 3, False, 1, False), (8, 0, True, 2, True), (1, 3, False, 0, True)])
+def test_cached_decoding_matches_full_forward(K, n_styles, bigram, n_kv_head, rotary):
+    model = tiny(K, n_styles=n_styles, bigram=bigram, n_kv_head=n_kv_head, rotary=rotary)
     decoder = Decoder(model)
     codes = torch.randint(0, 65, (2, K, 48))
     styles = torch.tensor([0, 3]) if n_styles else None     # a style and "no style"
@@ -107,11 +109,11 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
         assert ce != reference and abs(ce - reference) < 0.01, (dtype, ce, reference)
 
 
-@pytest.mark.parametrize("n_kv_head", [0, 2])
-def test_step_at_a_device_position_matches_step(n_kv_head):
+@pytest.mark.parametrize("n_kv_head,rotary", [(0, False), (2, False), (2, True)])
+def test_step_at_a_device_position_matches_step(n_kv_head, rotary):
     """step_logits with the position as a tensor (what a CUDA graph replays: the whole cache, masked
     beyond the position) computes what step computes over the filled steps, styles too."""
-    decoder = Decoder(tiny(K=8, n_styles=2, n_kv_head=n_kv_head))
+    decoder = Decoder(tiny(K=8, n_styles=2, n_kv_head=n_kv_head, rotary=rotary))
     codes, styles = torch.randint(0, 65, (2, 8, 30)), torch.tensor([1, 0])
     caches = [decoder.new_cache(2), decoder.new_cache(2)]
     for cache in caches:
