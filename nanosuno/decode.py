@@ -14,8 +14,6 @@ On a CUDA device a step is captured once as a CUDA graph (CUDAGraphStep) and rep
 import torch
 import torch.nn.functional as F
 
-from nanosuno.model import rotate
-
 
 # the precisions a Decoder can run in
 DECODE_DTYPES = ("float32", "bfloat16", "int8")
@@ -56,6 +54,18 @@ def new_cache(model, batch_size, max_len=None):
     """An empty KV cache for `batch_size` streams of the model, of max_len steps (default: its context)."""
     return KVCache(model.config, batch_size, max_len or model.config.block_size, model.lm_heads.weight.device,
                    cache_dtype(model))
+
+
+def rotation_matrices(angles):
+    """model.rotate as matrices: (positions, D, D), x @ matrices[t] turns x (..., D) as
+    rotate(x, angles[t]) does."""
+    T, D = angles.shape
+    half = D // 2
+    cos, sin, i = angles[:, :half], angles[:, half:], torch.arange(half)
+    matrices = torch.zeros(T, D, D, dtype=angles.dtype, device=angles.device)
+    matrices[:, i, i] = matrices[:, i + half, i + half] = cos
+    matrices[:, i, i + half], matrices[:, i + half, i] = sin, -sin
+    return matrices
 
 
 def decode_matrix(weight, int8):
@@ -107,6 +117,8 @@ class Decoder:
         self.layers = [{name: decode_matrix(p, int8) if p.dim() == 2 else p.detach()
                         for name, p in block.named_parameters()} for block in model.h]
         self.heads = decode_matrix(model.lm_heads.weight, int8)
+        if self.config.rotary:   # one matmul per step instead of rotate's ~10 small ops
+            self.turns = rotation_matrices(model.rotary).to(model.lm_heads.weight.dtype)
 
     @property
     def device(self):
@@ -151,7 +163,7 @@ class Decoder:
         x = F.embedding_bag(rows, model.wte.weight, mode="sum")                               # (B, C)
         rotary = self.config.rotary
         if rotary:
-            angles = model.rotary.index_select(0, t) if at_tensor else model.rotary[t]
+            turn = self.turns.index_select(0, t) if at_tensor else self.turns[t]      # (D, D) or (1, D, D)
         else:
             x = x + (model.wpe.weight.index_select(0, t) if at_tensor else model.wpe.weight[t])
         x = model.add_style(x, style_ids)
@@ -161,7 +173,7 @@ class Decoder:
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
             qkv = matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, H + 2 * H_kv, D)
             if rotary:   # the query and key heads turned, the value heads as they are
-                qkv = torch.cat((rotate(qkv[:, :H + H_kv], angles), qkv[:, H + H_kv:]), dim=1)
+                qkv[:, :H + H_kv] = qkv[:, :H + H_kv] @ turn
             # the query heads that share a k/v head attend as that head's H / H_kv queries: one
             # read of the cache per k/v head (the cache may be wider than the model: see cache_dtype)
             q = qkv[:, :H].reshape(B, H_kv, H // H_kv, D).to(kv.dtype)

@@ -46,6 +46,14 @@ def test_cached_decoding_matches_full_forward(K, n_styles, bigram, n_kv_head, ro
     torch.testing.assert_close(chunk, full[:, :, 10:30], atol=1e-5, rtol=1e-5)
 
 
+def test_rotation_matrices_turn_as_rotate_does():
+    from nanosuno.decode import rotation_matrices
+    from nanosuno.model import rotary_angles, rotate
+    angles, x = rotary_angles(40, 16), torch.randn(3, 5, 16)
+    for t in (0, 1, 39):
+        torch.testing.assert_close(x @ rotation_matrices(angles)[t], rotate(x, angles[t]), atol=1e-6, rtol=1e-6)
+
+
 def test_context_longer_than_block_size_is_refused():
     model = tiny(block_size=16)
     decoder = Decoder(model)

@@ -91,6 +91,28 @@ def test_causality(K):
     assert not torch.allclose(before[:, :, 20:], after[:, :, 20:])
 
 
+def test_rotary_scores_depend_on_distance_not_position():
+    """Rotary positions: a query at position a against a key at position b scores the same as at a + s
+    against b + s, and differently at another distance; turning keeps each vector's length."""
+    from nanosuno.model import rotary_angles, rotate
+    angles = rotary_angles(64, 16)
+    q, k = torch.randn(16), torch.randn(16)
+    score = lambda a, b: torch.dot(rotate(q, angles[a]), rotate(k, angles[b])).item()
+    assert score(10, 3) == pytest.approx(score(50, 43), abs=1e-5)
+    assert score(10, 3) != pytest.approx(score(10, 9), abs=1e-3)
+    assert rotate(q, angles[37]).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
+    torch.testing.assert_close(rotate(q, angles[0]), q)        # position 0 is not turned
+
+
+def test_a_rotary_model_has_no_position_table_and_its_checkpoint_none_either():
+    config = GPTConfig(block_size=64, n_codebooks=2, codebook_size=64, n_layer=2, n_head=4, n_embd=32, rotary=True)
+    model = GPT(config)
+    assert not hasattr(model, "wpe") and not any(name.startswith("wpe") for name in model.state_dict())
+    assert "rotary" not in model.state_dict()              # the angles follow from the shape: not saved
+    learned = GPT(GPTConfig(**{**config.__dict__, "rotary": False}))
+    assert learned.get_num_params() == model.get_num_params()   # the position table was never counted
+
+
 def test_style_embedding():
     """Every step's input gets its style's vector: each style gives other logits at every step, no
     styles given means "no style" (id n_styles); the table is one row per style plus one, counted as
