@@ -279,11 +279,13 @@ class GPT(nn.Module):
         B, K, T = codes.shape
         start = cache.length if cache is not None else 0
         self.check_fits(start, T)
-        pos = torch.arange(start, start + T, device=codes.device)
         rows = codes + self.code_offsets
         x = self.wte(rows).sum(1)                                              # (B, T, C)
-        angles = self.rotary[start:start + T] if self.config.rotary else None
-        x = self.add_style(x if self.config.rotary else x + self.wpe(pos), style_ids)
+        if self.config.rotary:   # the positions turn the queries and keys inside attention
+            angles = self.rotary[start:start + T]
+        else:
+            angles, x = None, x + self.wpe(torch.arange(start, start + T, device=codes.device))
+        x = self.add_style(x, style_ids)
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, angles)
