@@ -117,8 +117,9 @@ class Decoder:
         self.layers = [{name: decode_matrix(p, int8) if p.dim() == 2 else p.detach()
                         for name, p in block.named_parameters()} for block in model.h]
         self.heads = decode_matrix(model.lm_heads.weight, int8)
-        if self.config.rotary:   # one matmul per step instead of rotate's ~10 small ops
-            self.turns = rotation_matrices(model.rotary).to(model.lm_heads.weight.dtype)
+        if self.config.rotary:   # one matmul per step instead of rotate's ~10 small ops, in the
+            # cache's dtype: on a CPU a bfloat16 (10 x 32) @ (32 x 32) costs ~3x a float32 one
+            self.turns = rotation_matrices(model.rotary).to(cache_dtype(model))
 
     @property
     def device(self):
@@ -173,13 +174,14 @@ class Decoder:
             h = torch.layer_norm(x, (C,), w["ln_1.weight"], w.get("ln_1.bias"))
             qkv = matmul(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).view(B, H + 2 * H_kv, D)
             if rotary:   # the query and key heads turned, the value heads as they are
+                qkv = qkv.to(kv.dtype)
                 qkv[:, :H + H_kv] = qkv[:, :H + H_kv] @ turn
             # the query heads that share a k/v head attend as that head's H / H_kv queries: one
             # read of the cache per k/v head (the cache may be wider than the model: see cache_dtype)
             q = qkv[:, :H].reshape(B, H_kv, H // H_kv, D).to(kv.dtype)
             kv_new = qkv[:, H:].view(B, 2, H_kv, 1, D).transpose(0, 1)
             if at_tensor:
-                kv.index_copy_(3, t, kv_new)       # this step's keys and values
+                kv.index_copy_(3, t, kv_new.to(kv.dtype))       # this step's keys and values
                 y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=visible)
             else:
                 kv.narrow(3, t, 1).copy_(kv_new)

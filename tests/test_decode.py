@@ -117,11 +117,13 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
         assert ce != reference and abs(ce - reference) < 0.01, (dtype, ce, reference)
 
 
-@pytest.mark.parametrize("n_kv_head,rotary", [(0, False), (2, False), (2, True)])
-def test_step_at_a_device_position_matches_step(n_kv_head, rotary):
+@pytest.mark.parametrize("n_kv_head,rotary,dtype", [(0, False, None), (2, False, None), (2, True, None),
+                                                     (2, True, "int8")])
+def test_step_at_a_device_position_matches_step(n_kv_head, rotary, dtype):
     """step_logits with the position as a tensor (what a CUDA graph replays: the whole cache, masked
-    beyond the position) computes what step computes over the filled steps, styles too."""
-    decoder = Decoder(tiny(K=8, n_styles=2, n_kv_head=n_kv_head, rotary=rotary))
+    beyond the position) computes what step computes over the filled steps, styles too; int8 too,
+    whose bfloat16 keys and values go into a float32 cache on a CPU."""
+    decoder = Decoder(tiny(K=8, n_styles=2, n_kv_head=n_kv_head, rotary=rotary), dtype)
     codes, styles = torch.randint(0, 65, (2, 8, 30)), torch.tensor([1, 0])
     caches = [decoder.new_cache(2), decoder.new_cache(2)]
     for cache in caches:
