@@ -91,7 +91,8 @@ def test_each_decode_dtype_stays_close_to_the_float32_forward(dtype):
         assert 1e-4 < err < 0.1 * full.std().item(), err
 
 
-def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path, rotary):
     """bench.py decode_quality in small: a tiny model trained for a few seconds on learnable codes
     scores nearly the same teacher-forced cross-entropy through Decoder.step in every precision
     (~0.001 nats apart; the real check, 0.005 nats on a trained small model, is the benchmark's)."""
@@ -99,7 +100,7 @@ def test_decode_dtypes_keep_a_trained_models_cross_entropy(tmp_path):
     windows = stacked_windows(str(tmp_path), meta, 8, 40, split="train")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=40, n_codebooks=8, codebook_size=1024, n_layer=2, n_head=4, n_embd=64,
-                          codebook0_weight=1.0))   # the loss is then the plain mean over codebooks, as measured
+                          rotary=rotary, codebook0_weight=1.0))   # the loss is then the plain mean over codebooks, as measured
     optimizer = model.configure_optimizers(1e-2, 0.02, 0.0, (0.9, 0.95))
     for _ in range(10):   # a few seconds: far from memorised (~1.3 nats), far from random (6.9)
         batch = windows[torch.randint(len(windows), (8,))]
