@@ -9,6 +9,7 @@ block_size = 2048
 n_codebooks = 8
 n_kv_head = 2           # grouped-query attention: 4 query heads per key/value head, a 4x smaller KV cache
 bigram = True           # the previous-frame bigram inside the model, counted from your train split
+rotary = True           # rotary positions (queries and keys turned by angles), no learned position table
 
 batch_size = 8
 gradient_accumulation_steps = 4

@@ -8,6 +8,7 @@ block_size = 300
 n_codebooks = 8
 n_kv_head = 2           # grouped-query attention: 2 query heads per key/value head, a 2x smaller KV cache
 bigram = True           # the previous-frame bigram inside the model, counted from your train split
+rotary = True           # rotary positions (queries and keys turned by angles), no learned position table
 
 batch_size = 8
 max_iters = 200

@@ -19,18 +19,18 @@ def tiny(K=8, block_size=64, dropout=0.0, n_styles=0, codebook0_weight=2.0):
 def test_small_config_parameter_count():
     """config/small.py's model: the count follows from its shape, term by term."""
     cfg = model_config(load_config([os.path.join(ROOT, "config", "small.py")]), codebook_size=1024)
-    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.bigram) == (6, 8, 2, 256, True)
+    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.bigram, cfg.rotary) == (6, 8, 2, 256, True, True)
     model = GPT(cfg)
     d, kv = cfg.n_embd, cfg.n_embd * cfg.kv_heads // cfg.n_head   # k and v are kv wide each (grouped-query)
     per_layer = d * (d + 2 * kv) + d * d + 8 * d * d + 2 * d      # qkv + proj + 4x MLP, two LayerNorm weights
     heads = cfg.n_codebooks * cfg.codebook_size * d
     non_embedding = cfg.n_layer * per_layer + d + heads  # + final LayerNorm
-    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d + cfg.block_size * d
+    embeddings = cfg.n_codebooks * (cfg.codebook_size + 1) * d   # rotary positions: no position table
     bigram = cfg.n_codebooks * (cfg.codebook_size + 1) * cfg.codebook_size   # a row per input code, special included
     total = sum(p.numel() for p in model.parameters())
     print(f"config/small.py: {total:,} parameters, {model.get_num_params():,} non-embedding")
     assert model.get_num_params() == non_embedding == 6_229_248
-    assert total == non_embedding + embeddings + bigram == 17_249_536
+    assert total == non_embedding + embeddings + bigram == 16_725_248
 
 
 @pytest.mark.parametrize("K", [1, 8])
