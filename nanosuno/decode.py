@@ -14,6 +14,8 @@ On a CUDA device a step is captured once as a CUDA graph (CUDAGraphStep) and rep
 import torch
 import torch.nn.functional as F
 
+from nanosuno.model import rotate
+
 
 # the precisions a Decoder can run in
 DECODE_DTYPES = ("float32", "bfloat16", "int8")
@@ -58,14 +60,10 @@ def new_cache(model, batch_size, max_len=None):
 
 def rotation_matrices(angles):
     """model.rotate as matrices: (positions, D, D), x @ matrices[t] turns x (..., D) as
-    rotate(x, angles[t]) does."""
-    T, D = angles.shape
-    half = D // 2
-    cos, sin, i = angles[:, :half], angles[:, half:], torch.arange(half)
-    matrices = torch.zeros(T, D, D, dtype=angles.dtype, device=angles.device)
-    matrices[:, i, i] = matrices[:, i + half, i + half] = cos
-    matrices[:, i, i + half], matrices[:, i + half, i] = sin, -sin
-    return matrices
+    rotate(x, angles[t]) does. The turn is linear, so its matrix is rotate applied to the identity
+    (row j: channel j turned), and the formula stays in one place."""
+    D = angles.shape[1]
+    return rotate(torch.eye(D, dtype=angles.dtype, device=angles.device), angles[:, None])
 
 
 def decode_matrix(weight, int8):
