@@ -526,15 +526,16 @@ def _iterations_in(minutes, cfg, meta, name):
     import torch
     from nanosuno.data import Batches
     from nanosuno.hardware import autocast, pick_dtype
-    from nanosuno.config import model_config
+    from nanosuno.config import decide_bigram, model_config
     from nanosuno.model import GPT
     from nanosuno.optim import train_step
     torch.manual_seed(0)
-    # the variant's model, every model setting of it (a variant may change the model's shape)
+    batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
+    # the variant's model, every model setting of it (a variant may change the model's shape), as train.py builds it
+    cfg, _ = decide_bigram(cfg, batches.tokens, batches.files, meta["codebook_size"])
     model = GPT(model_config(cfg, meta["codebook_size"]))
     optimizer = model.configure_optimizers(cfg.learning_rate, cfg.muon_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                            cfg.bigram_lr)
-    batches = Batches(cfg.data_dir, meta, "train", cfg.n_codebooks, cfg.block_size)
     ctx, scaler = autocast("cpu", pick_dtype(cfg.dtype, "cpu")), torch.amp.GradScaler("cpu", enabled=False)
     times = []
     for _ in range(4):

@@ -38,7 +38,7 @@ from nanosuno.checkpoint import (CKPT_NAME, LAST_NAME, check_codec, check_codec_
                                  weights_finite, with_resume_state)
 from nanosuno.codec import codec_for, untrained_warning
 from nanosuno.common import UserError, lock_folder, refuse_folders, remove_stale_temporaries, run_cli, writing
-from nanosuno.config import MODEL_SETTINGS, load_config, model_config
+from nanosuno.config import MODEL_SETTINGS, decide_bigram, load_config, model_config
 from nanosuno.data import Batches, codec_info, read_codec_weights, read_meta, style_names
 from nanosuno.evaluate import estimate_losses
 from nanosuno.generate import generate
@@ -285,6 +285,16 @@ def resumed_state(cfg, ckpt):
         raise UserError(f"{cfg.out_dir} has already trained {state.seconds_before / 60:.1f} min, max_minutes is "
                         f"{cfg.max_minutes:g}: raise --max_minutes to train on")
     return state
+
+
+def choose_bigram(cfg, proc, data):
+    """A new model's bigram table, only where the previous frame tells enough (bigram_min_gain), said in one line."""
+    cfg, gain = decide_bigram(cfg, data.train.tokens, data.train.files, data.meta["codebook_size"])
+    if gain is not None and proc.master:
+        print(f"bigram table {'on' if cfg.bigram else 'off'}: the previous frame predicts the train split "
+              f"{gain:.2f} nats/token better than the unigram ({'>=' if cfg.bigram else '<'} bigram_min_gain "
+              f"{cfg.bigram_min_gain:g})")
+    return cfg
 
 
 def build_model(cfg, proc, data, ckpt):
@@ -596,6 +606,8 @@ def main(argv):
         refuse_overwrite(cfg)
         if ckpt:
             check_start_fits_data(cfg, data, ckpt)
+        if not ckpt:   # a new model: its shape may depend on the data
+            cfg = choose_bigram(cfg, proc, data)
         state = resumed_state(cfg, ckpt) if cfg.init_from == "resume" else None
         model, optimizer = build_model(cfg, proc, data, ckpt)
         if cfg.init_from == "resume":

@@ -69,6 +69,36 @@ def _cross_entropy(probs):
     return float(-np.log(probs).mean()) if len(probs) else float("nan")
 
 
+def _tail_probs(train_tokens, train_files, k, kind, V):
+    """Per target in the last HELD_OUT of the train split, its probability under the bigram and
+    under the unigram, both counted on the rest of the split: (bigram, unigram) arrays."""
+    h_ctx, h_tgt = _pairs(_pieces(train_tokens, train_files, "head"), k, kind)
+    t_ctx, t_tgt = _pairs(_pieces(train_tokens, train_files, "tail"), k, kind)
+    return _bigram(h_ctx, h_tgt, V)[t_ctx, t_tgt], _unigram(h_tgt, V)[t_tgt]
+
+
+def _mixing_weight(bigram, unigram):
+    """The lam of LAMBDAS that predicts these targets best (0.5 when there are none)."""
+    if not len(unigram):
+        return 0.5
+    return min(LAMBDAS, key=lambda lam: _cross_entropy(lam * bigram + (1 - lam) * unigram))
+
+
+def prev_frame_gain(train_tokens, train_files, codebook_size, n_codebooks):
+    """How much of the music one frame tells about the next: the nats per token by which the
+    previous-frame bigram (mixed with the unigram as baseline_losses mixes it) predicts the last
+    HELD_OUT of the train split better than the unigram, both counted on the rest of it, averaged
+    over codebooks 0..n_codebooks-1 (0.0 when the split has no tail). Val is not looked at: a run
+    decides its model's shape (bigram_min_gain) from this."""
+    gains = []
+    for k in range(n_codebooks):
+        bigram, unigram = _tail_probs(train_tokens, train_files, k, "prev_frame", codebook_size)
+        if len(unigram):
+            lam = _mixing_weight(bigram, unigram)
+            gains.append(_cross_entropy(unigram) - _cross_entropy(lam * bigram + (1 - lam) * unigram))
+    return float(np.mean(gains)) if gains else 0.0
+
+
 def baseline_losses(train_tokens, train_files, val_tokens, val_files, codebook_size):
     """{name: [val CE of codebook k for k in 0..K-1]} (None where a baseline does not apply), plus
     'lambda': the fitted mixing weights. tokens: [frames, K] arrays (memmaps are fine)."""
@@ -85,11 +115,7 @@ def baseline_losses(train_tokens, train_files, val_tokens, val_files, codebook_s
                 out["lambda"][kind].append(None)
                 continue
             # the mixing weight, from the head's counts scored on the tail
-            h_ctx, h_tgt = _pairs(_pieces(train_tokens, train_files, "head"), k, kind)
-            t_ctx, t_tgt = _pairs(_pieces(train_tokens, train_files, "tail"), k, kind)
-            head_bigram, head_unigram = _bigram(h_ctx, h_tgt, V)[t_ctx, t_tgt], _unigram(h_tgt, V)[t_tgt]
-            lam = 0.5 if len(t_tgt) == 0 else \
-                min(LAMBDAS, key=lambda l: _cross_entropy(l * head_bigram + (1 - l) * head_unigram))
+            lam = _mixing_weight(*_tail_probs(train_tokens, train_files, k, kind, V))
             # then all of train's counts, scored on val
             ctx, tgt = _pairs(_pieces(train_tokens, train_files), k, kind)
             v_ctx, v_tgt = _pairs(_pieces(val_tokens, val_files), k, kind)

@@ -25,6 +25,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+from nanosuno.baselines import prev_frame_gain
 from nanosuno.codec import CODEC_NAMES
 from nanosuno.common import UserError, not_a_file
 from nanosuno.decode import DECODE_DTYPES
@@ -45,6 +46,15 @@ _ModelSettings = dataclasses.make_dataclass("_ModelSettings", [
 def model_config(cfg, codebook_size, n_styles=0):
     """The GPTConfig of a run's Config: its model settings, and what the data decides."""
     return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_SETTINGS}, codebook_size=codebook_size, n_styles=n_styles)
+
+
+def decide_bigram(cfg, train_tokens, train_files, codebook_size):
+    """cfg for a new model, its bigram setting decided by bigram_min_gain on the train split, and the
+    previous-frame gain it was decided by (baselines.prev_frame_gain; None when not measured)."""
+    if not (cfg.bigram and cfg.bigram_min_gain):
+        return cfg, None
+    gain = prev_frame_gain(train_tokens, train_files, codebook_size, cfg.n_codebooks)
+    return dataclasses.replace(cfg, bigram=gain >= cfg.bigram_min_gain), gain
 
 
 @dataclass
@@ -80,6 +90,10 @@ class Config(_ModelSettings):
     learning_rate: float = 2e-3         # AdamW's, for the code embeddings and the heads
     muon_lr: float = 0.02               # Muon's, for the blocks' weight matrices (see nanosuno/optim.py)
     bigram_lr: float = 0.0              # AdamW's for the bigram table; 0 = kept at its counts (measured better)
+    # a new model gets the bigram table (bigram = True) only when the previous frame predicts the train
+    # split at least this many nats per token better than the unigram does (decide_bigram); 0 = always.
+    # Where one frame tells little about the next, the table slows what the transformer learns
+    bigram_min_gain: float = 0.0
     min_lr: float = 2e-4                # where the cosine decay ends (Muon's lr ends at the same fraction)
     warmup_iters: int = 100
     lr_decay_iters: int = 5000          # cosine decay reaches min_lr here (usually = max_iters)
@@ -150,6 +164,7 @@ RULES = {
     "learning_rate": ("> 0", lambda v: v > 0),
     "muon_lr": ("> 0", lambda v: v > 0),
     "bigram_lr": (">= 0", lambda v: v >= 0),
+    "bigram_min_gain": (">= 0 (0 = the table whenever bigram is True)", lambda v: v >= 0),
     "min_lr": (">= 0", lambda v: v >= 0),
     "warmup_iters": (">= 0", lambda v: v >= 0),
     "lr_decay_iters": (">= 0", lambda v: v >= 0),

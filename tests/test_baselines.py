@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from nanosuno.baselines import baseline_losses, best_baseline, bits_per_second
+from nanosuno.baselines import baseline_losses, best_baseline, bits_per_second, prev_frame_gain
 
 
 def as_split(*files):
@@ -38,6 +38,20 @@ def test_a_deterministic_cycle_is_free_for_the_bigrams():
     assert b["prev_frame"] == pytest.approx([0, 0], abs=0.01)
     assert b["lower_codebook"][1] == pytest.approx(0, abs=0.01)
     assert best_baseline(b) == pytest.approx([0, 0], abs=0.01)
+
+
+def test_the_previous_frame_gain_is_what_the_bigram_saves_on_trains_last_tenth():
+    """prev_frame_gain, from the train split alone: ~ln L for a cycle of L codes (the bigram knows
+    every next code, the unigram only that it is one of L), ~0 for independent codes, averaged over
+    the codebooks asked for."""
+    V, L = 64, 8
+    cycle = np.arange(3000) % L * 5
+    rng = np.random.default_rng(0)
+    tokens, files = as_split(np.stack([cycle, rng.integers(0, V, 3000)], axis=1))
+    assert prev_frame_gain(tokens, files, V, 1) == pytest.approx(math.log(L), abs=0.05)
+    both = prev_frame_gain(tokens, files, V, 2)            # codebook 1 adds ~nothing to the mean
+    assert both == pytest.approx(math.log(L) / 2, abs=0.05) and both < prev_frame_gain(tokens, files, V, 1)
+    assert prev_frame_gain(*as_split(cycle[:5, None]), V, 1) == 0.0   # no tail to score: nothing measured
 
 
 def test_pairs_never_span_files():

@@ -134,6 +134,7 @@ def test_help_lists_every_setting(capsys):
     ("--codebook0_weight=0", "setting 'codebook0_weight' must be > 0, got 0.0"),
     ("--learning_rate=-1", "setting 'learning_rate' must be > 0, got -1.0"),
     ("--bigram_lr=-1", r"setting 'bigram_lr' must be >= 0, got -1.0"),
+    ("--bigram_min_gain=-1", r"setting 'bigram_min_gain' must be >= 0 \(0 = the table whenever bigram is True\), got -1.0"),
     ("--learning_rate=nan", "setting 'learning_rate' must be a finite number > 0, got nan"),
     ("--top_p=inf", r"setting 'top_p' must be a finite number in \[0, 1\] \(0 = off\), got inf"),
     ("--min_lr=0.1", r"min_lr \(0.1\) must not exceed learning_rate \(0.002\)"),

@@ -2,6 +2,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -643,6 +644,26 @@ def test_a_time_budget_ends_on_time_at_min_lr_and_resumes_with_what_is_left(toke
         run(token_corpus, out, "--max_minutes=0.1", "--init_from=resume")
     run(token_corpus, out, "--max_minutes=0.15", "--init_from=resume", "--eval_interval=1000000")
     assert 9 <= load(out, last=True)["train_seconds"] < 13
+
+
+@pytest.mark.parametrize("music,table", [("phrases", True), ("noise", False)])
+def test_bigram_min_gain_builds_the_table_only_where_the_previous_frame_tells_enough(tmp_path, capsys, music, table):
+    # repeated phrases: one frame tells the next (several nats better than the unigram); independent
+    # random codes: it tells nothing, and a new model is built without the table, said in one line
+    rng = np.random.default_rng(0)
+    noise = (lambda split, i, frames: rng.integers(0, 1024, (8, frames))) if music == "noise" else None
+    data = tmp_path / "tokens"
+    write_token_corpus(data, file_frames=[2000, 1000], val_file_frames=[200], codes_of=noise)
+    run(data, tmp_path / "out", "--bigram=True", "--bigram_min_gain=1.0", "--max_iters=2")
+    out = capsys.readouterr().out
+    gain = float(re.search(r"bigram table (?:on|off): the previous frame predicts the train split ([\d.]+) nats/token", out)[1])
+    assert (gain > 3) if table else (0 <= gain < 0.1)
+    assert f"bigram table {'on' if table else 'off'}" in out
+    ckpt = load(tmp_path / "out")
+    assert ckpt["model_args"]["bigram"] is table and any(k.startswith("bigram.") for k in ckpt["model"]) is table
+    # bigram_min_gain = 0 (the code's default): the table whenever bigram is True, nothing measured
+    run(data, tmp_path / "out0", "--bigram=True", "--max_iters=1")
+    assert load(tmp_path / "out0")["model_args"]["bigram"] is True and "bigram table" not in capsys.readouterr().out
 
 
 def test_a_bigram_model_starts_at_the_previous_frame_baseline(tmp_path, monkeypatch):
