@@ -1,6 +1,6 @@
 # The reference model: ~6.2M non-embedding parameters (plus, where your songs' frames predict each
-# other, the bigram table: 8.4M entries, counted from your songs, not learned), 27 s of context (2048 steps at 75 steps/s), all 8 codebooks of
-# Encodec 24 kHz at 6 kbps.
+# other, the bigram table: 8.4M entries, counted from your songs, not learned), 27 s of context
+# (2048 steps at 75 steps/s), all 8 codebooks of Encodec 24 kHz at 6 kbps.
 out_dir = "out-small"
 n_layer = 6
 n_head = 8
