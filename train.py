@@ -606,7 +606,7 @@ def main(argv):
         refuse_overwrite(cfg)
         if ckpt:
             check_start_fits_data(cfg, data, ckpt)
-        if not ckpt:   # a new model: its shape may depend on the data
+        else:   # a new model: its shape may depend on the data
             cfg = choose_bigram(cfg, proc, data)
         state = resumed_state(cfg, ckpt) if cfg.init_from == "resume" else None
         model, optimizer = build_model(cfg, proc, data, ckpt)
